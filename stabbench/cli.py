@@ -1,0 +1,33 @@
+"""`stabbench <subcommand> ...`. A subcommand is a function taking the remaining
+arguments; adding one is one line in SUBCOMMANDS."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    # name: (module, function, one-line help)
+    "run": ("stabbench.commands", "run", "train as configured; -m for a sweep (Hydra overrides, e.g. method=bsnn depth=200)"),
+}
+
+USAGE = "usage: stabbench <subcommand> [args...]   (stabbench <subcommand> --help for its options)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE + "\n\nsubcommands:")
+        for name, (_, _, text) in SUBCOMMANDS.items():
+            print(f"  {name:<8} {text}")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"stabbench: error: unknown subcommand {name!r}; choose one of: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    module, function, _ = SUBCOMMANDS[name]
+    result = getattr(importlib.import_module(module), function)(rest)
+    return result or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The configuration schema. Hydra composes conf/*.yaml on top of these dataclasses, so a
+typo'd key or a wrong type fails at start-up instead of being silently ignored.
+
+Method and dataset schemas live beside their code (stabbench/methods/*.py,
+stabbench/datasets/*.py) and are registered here under `<group>/<name>_schema`; each
+conf/<group>/<name>.yaml lists that schema first in its defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from stabbench.errors import UserError
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adam
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam only
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    # Speed switches; see stabbench/fast.py for what each buys.
+    cuda_graph: str = "auto"  # auto | on | off
+    tf32: bool = False
+    eval_batch_size: int = 1024
+
+
+@dataclass
+class ProbeConfig:
+    networks: int = 16  # independent draws of the network
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    method: Any = MISSING
+    dataset: Any = MISSING
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    depth: int = 20  # hidden layers
+    width: int = 128
+    seed: int = 0
+    seeds: int = 1  # seeds seed..seed+seeds-1 train together as one batched model
+    device: str = "auto"  # auto | cpu | cuda
+    epochs: int = 10
+    max_steps: Optional[int] = None  # cap on optimiser steps (per stage)
+    batch_size: int = 128
+    lr: float = 0.01
+    log_every: int = 10  # steps between train rows in metrics.csv / layers.csv
+    checkpoint_every: int = 0  # steps; 0 = only on preemption signals
+    skip_done: bool = True  # a rerun finds a complete summary.json with the same config and does nothing
+
+
+def register_schemas() -> None:
+    """Register every schema with Hydra's ConfigStore (idempotent)."""
+    from stabbench import datasets, methods
+
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    store.store(group="optimizer", name="optimizer_schema", node=OptimizerConfig)
+    for name, method_class in methods.REGISTRY.items():
+        store.store(group="method", name=f"{name}_schema", node=method_class.Config)
+    for name, dataset_module in datasets.REGISTRY.items():
+        store.store(group="dataset", name=f"{name}_schema", node=dataset_module.Config)
+
+
+def validate(cfg) -> None:
+    """Range and choice checks Hydra's types cannot express; raises UserError naming the
+    bad value and what is allowed. Runs before any run directory is made."""
+    from stabbench import datasets, methods
+    from stabbench.methods.base import check_choice, check_range
+
+    for key in ("depth", "width", "batch_size", "epochs", "seeds", "log_every"):
+        check_range(key, cfg[key], low=1)
+    check_range("seed", cfg.seed, low=0)
+    if cfg.max_steps is not None:
+        check_range("max_steps", cfg.max_steps, low=1)
+    check_range("checkpoint_every", cfg.checkpoint_every, low=0)
+    check_range("lr", cfg.lr, low=0, low_open=True)
+    check_choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("device=cuda but no CUDA device is available here; use device=cpu or device=auto")
+    check_choice("optimizer", cfg.optimizer.name, ("sgd", "adam"))
+    check_range("optimizer.momentum", cfg.optimizer.momentum, low=0, high=1, high_open=True)
+    check_choice("trainer.cuda_graph", cfg.trainer.cuda_graph, ("auto", "on", "off"))
+    check_range("trainer.eval_batch_size", cfg.trainer.eval_batch_size, low=1)
+    check_range("probe.networks", cfg.probe.networks, low=1)
+    check_range("probe.batch_size", cfg.probe.batch_size, low=1)
+    check_choice("dataset", cfg.dataset.name, datasets.NAMES)
+    check_range("dataset.fraction", cfg.dataset.fraction, low=0, high=1, low_open=True)
+    methods.create(cfg.method)

@@ -1,0 +1,77 @@
+"""Datasets, each loaded once into tensors on the run's device (no DataLoader in the loop).
+
+A dataset module defines `Config` (its options under `dataset.*`) and
+`load(cfg) -> Data` returning raw float32 CPU tensors; `prepare` below does what every
+dataset shares: the stratified `dataset.fraction`, per-feature standardisation with
+training-split statistics, and the move to the device.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from stabbench.errors import UserError
+
+NAMES = ("synthetic", "synthetic_regression", "mnist", "fashion_mnist", "cifar10")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "synthetic"
+    root: Optional[str] = None  # folder holding the files; None = the dataset's default place
+    download: bool = False
+    fraction: float = 1.0  # stratified fraction of the training split kept (data-scarce runs)
+    standardize: bool = True  # zero mean, unit variance per feature, training-split statistics
+    seed: int = 0  # data generation and the fraction's subset; fixed so model seeds share one task
+
+
+@dataclass
+class Data:
+    x_train: torch.Tensor  # [n, features] float32
+    y_train: torch.Tensor  # [n] int64 labels, or [n, outputs] float32 targets
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    task: str  # "classification" | "regression"
+    n_outputs: int
+
+    @property
+    def in_features(self) -> int:
+        return self.x_train.shape[1]
+
+
+REGISTRY = {name: importlib.import_module(f"{__name__}.{name}") for name in NAMES}
+
+
+def load(cfg, device: torch.device) -> Data:
+    if cfg.name not in REGISTRY:
+        raise UserError(f"dataset={cfg.name!r} is unknown; choose one of: {', '.join(NAMES)}")
+    return prepare(REGISTRY[cfg.name].load(cfg), cfg, device)
+
+
+def prepare(data: Data, cfg, device: torch.device) -> Data:
+    if cfg.fraction < 1.0:
+        keep = stratified_subset(data.y_train if data.task == "classification" else None,
+                                 len(data.x_train), cfg.fraction, cfg.seed)
+        data = replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
+    if cfg.standardize:
+        mean = data.x_train.mean(0)
+        # Constant features (MNIST's border pixels) have std 0: leave them centred, unscaled.
+        std = data.x_train.std(0).clamp_min(1e-6).where(data.x_train.std(0) > 1e-6, torch.ones(()))
+        data = replace(data, x_train=(data.x_train - mean) / std, x_test=(data.x_test - mean) / std)
+    return replace(data, **{k: getattr(data, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")})
+
+
+def stratified_subset(labels: Optional[torch.Tensor], n: int, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of about `fraction` of n examples, the same fraction of each class (>= 1 each)."""
+    generator = torch.Generator().manual_seed(seed)
+    if labels is None:
+        return torch.randperm(n, generator=generator)[: max(1, round(n * fraction))].sort().values
+    keep = []
+    for label in labels.unique():
+        members = (labels == label).nonzero().flatten()
+        count = max(1, round(len(members) * fraction))
+        keep.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return torch.cat(keep).sort().values

@@ -1,0 +1,64 @@
+"""Several networks of one structure trained as one batched model.
+
+Each seed's network is an ordinary nn.Module; `stack_module_state` gives every parameter
+a leading dimension E (one slice per seed) and `vmap(functional_call(...))` runs all E in
+each kernel. SGD, momentum and Adam act elementwise, so one optimiser over the stacked
+tensors updates each seed exactly as its own optimiser would; the loss is the sum of the
+seeds' losses, so each slice's gradient is that seed's gradient alone. A single run is
+the case E = 1. (../shared/performance.md: on the GPU this is what makes the step fast.)
+"""
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+
+class Ensemble:
+    def __init__(self, models: list[nn.Module]):
+        self.size = len(models)
+        self.params, self.buffers = stack_module_state(models)
+        # The structure alone; the tensors are passed in at every call.
+        self.skeleton = copy.deepcopy(models[0]).to("meta")
+
+    def _call_one(self, params, buffers, x, **kwargs):
+        return functional_call(self.skeleton, (params, buffers), (x,), kwargs)
+
+    def __call__(self, x: torch.Tensor, shared_input: bool = False, **kwargs):
+        """x is [E, batch, features], or [batch, features] fed to every member if shared_input."""
+        batched = vmap(partial(self._call_one, **kwargs), in_dims=(0, 0, None if shared_input else 0),
+                       randomness="different")
+        return batched(self.params, self.buffers, x)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    def train(self, mode: bool = True) -> "Ensemble":
+        self.skeleton.train(mode)
+        return self
+
+    def eval(self) -> "Ensemble":
+        return self.train(False)
+
+    def freeze(self) -> "Ensemble":
+        for tensor in self.params.values():
+            tensor.requires_grad_(False)
+        return self.eval()
+
+    def member(self, index: int, device: torch.device | str = "cpu") -> nn.Module:
+        """Member `index` as an ordinary module (a copy), e.g. for inspection or a warm start."""
+        model = copy.deepcopy(self.skeleton).to_empty(device=device)
+        state = {name: tensor[index].detach() for name, tensor in {**self.params, **self.buffers}.items()}
+        model.load_state_dict(state)
+        return model.train(self.skeleton.training)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach() for name, tensor in {**self.params, **self.buffers}.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, tensor in {**self.params, **self.buffers}.items():
+                tensor.copy_(state[name])

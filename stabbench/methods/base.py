@@ -1,0 +1,96 @@
+"""The interface between the runner and a method. The runner calls only these; it never
+tests a method's name. A method module defines a `Config` dataclass (its options, under
+`method.*`), a `Method` subclass, and registers it by setting `METHOD = <the class>`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from stabbench.errors import UserError
+from stabbench.model import ACTIVATIONS, MLP
+
+
+@dataclass
+class MethodConfig:
+    name: str = "baseline"
+    activation: str = "tanh"
+    negative_slope: float = 0.01  # leaky_relu only
+    init: str = "xavier"
+    gain: float = 1.0  # orthogonal init only
+    alpha_dropout: float = 0.0  # only methods that use it (snn)
+
+
+@dataclass
+class Shape:
+    in_features: int
+    out_features: int
+    depth: int
+    width: int
+
+
+@dataclass
+class Stage:
+    """One network trained to the end. Most methods train a single stage of `depth`;
+    a staged method (SAL) returns several, each later one guided by the one before."""
+    depth: int
+    epochs: int
+    index: int = 0
+    guided: bool = False  # trained with the previous stage's network as a frozen guide
+    extra: dict = field(default_factory=dict)
+
+
+class Method:
+    Config = MethodConfig
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # -- building ---------------------------------------------------------------------
+    def build(self, shape: Shape) -> MLP:
+        """One network at its initialisation. Called under torch.manual_seed(seed)."""
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Raise UserError naming any bad option and what is allowed."""
+        check_choice("method.activation", self.cfg.activation, ACTIVATIONS)
+
+    # -- training schedule ------------------------------------------------------------
+    def stages(self, depth: int, epochs: int) -> list[Stage]:
+        return [Stage(depth=depth, epochs=epochs)]
+
+    def warm_start(self, student, guide, stage: Stage) -> None:
+        """Optionally copy weights from the previous stage's networks (both are Ensembles)."""
+
+    def guidance_losses(self, student: dict, guide: dict, stage: Stage) -> dict[str, torch.Tensor]:
+        """Extra loss terms for a guided stage, from both networks' forward outputs
+        (`logits`, `hidden`). Each value is a scalar for one network (called under vmap)."""
+        return {}
+
+    # -- reporting --------------------------------------------------------------------
+    def constants(self, model: MLP) -> dict:
+        """The method's derived constants for probe.json (e.g. GPN's a and b)."""
+        return {}
+
+
+def check_choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise UserError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def check_range(key: str, value, low=None, high=None, low_open=False, high_open=False) -> None:
+    """Raise UserError unless low <= value <= high (or < for an open end)."""
+    bad = (
+        (low is not None and (value <= low if low_open else value < low))
+        or (high is not None and (value >= high if high_open else value > high))
+    )
+    if bad:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        raise UserError(f"{key}={value} is out of range; allowed: {' and '.join(x for x in (lo, hi) if x)}")
+
+
+def linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=bias)

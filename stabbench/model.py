@@ -1,0 +1,125 @@
+"""The deep MLP every method builds, and the activations they share.
+
+Notation (../shared/methods.md): `depth` hidden layers of `width` units; layer 1 maps the
+flattened input to `width`, layers 2..depth are square, a final linear layer maps to the
+outputs. `layers` holds those depth + 1 weight layers; each maps x_{l-1} to the
+pre-activation h_l and exposes its effective weight matrix as `.weight`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+ACTIVATIONS = ("tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "sigmoid", "linear")
+
+
+def activation_fn(name: str, negative_slope: float = 0.01):
+    """The elementwise function for an activation name (plain function: cheap under vmap)."""
+    table = {
+        "tanh": torch.tanh,
+        "relu": F.relu,
+        "leaky_relu": lambda x: F.leaky_relu(x, negative_slope),
+        "elu": F.elu,
+        "selu": F.selu,
+        "gelu": F.gelu,
+        "sigmoid": torch.sigmoid,
+        "linear": lambda x: x,
+    }
+    return table[name]
+
+
+class Activation(nn.Module):
+    """phi(x) = scale * base(x) + shift: a plain activation (1, 0) or a normalised one (BSNN's GPN)."""
+
+    def __init__(self, name: str, negative_slope: float = 0.01, scale: float = 1.0, shift: float = 0.0):
+        super().__init__()
+        self.name, self.negative_slope, self.scale, self.shift = name, negative_slope, scale, shift
+        self.base = activation_fn(name, negative_slope)
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.scale != 1.0 or self.shift != 0.0:
+            y = self.scale * y + self.shift
+        return y
+
+    def extra_repr(self):
+        return f"{self.name}, scale={self.scale:.4f}, shift={self.shift:.4f}"
+
+
+def init_gain(activation: str, negative_slope: float = 0.01) -> float:
+    """He-style gain for an activation; torch's table where it has one, sqrt(2) for elu/gelu."""
+    if activation in ("elu", "gelu"):
+        return math.sqrt(2.0)
+    return nn.init.calculate_gain(activation, negative_slope if activation == "leaky_relu" else None)
+
+
+class MLP(nn.Module):
+    """x_l = phi(layer_l(x_{l-1})) for the hidden layers, then the output layer.
+
+    `forward` returns a dict: always `logits`; with `keep_hidden`, the list of hidden
+    activations x_1..x_depth; with `record`, per-layer diagnostics as tensors of length
+    depth + 1 (act_mean, act_std, weight_norm, and whatever a layer reports through its
+    own `diagnostics()`, e.g. the self-stabilizer's beta). Returning tensors, never
+    Python numbers, keeps the step free of host syncs and usable under torch.func.vmap.
+    """
+
+    def __init__(self, layers: list[nn.Module], activation: nn.Module, dropout: nn.Module | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.activation = activation
+        self.dropout = dropout
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers) - 1
+
+    def forward(self, x, record: bool = False, keep_hidden: bool = False):
+        hidden, stats = [], []
+        for layer in self.layers[:-1]:
+            x = self.activation(layer(x))
+            if self.dropout is not None:
+                x = self.dropout(x)
+            if keep_hidden:
+                hidden.append(x)
+            if record:
+                stats.append(_layer_stats(layer, x))
+        logits = self.layers[-1](x)
+        out = {"logits": logits}
+        if keep_hidden:
+            out["hidden"] = hidden
+        if record:
+            stats.append(_layer_stats(self.layers[-1], logits))
+            out.update(_stack_stats(stats))
+        return out
+
+    def weight_param_names(self) -> list[str]:
+        """Name (as in named_parameters) of the trained weight matrix of each of the depth + 1 layers."""
+        names = []
+        for index, layer in enumerate(self.layers):
+            matrices = [n for n, p in layer.named_parameters() if p.ndim == 2]
+            if not matrices:
+                raise ValueError(f"layer {index} has no weight matrix")
+            names.append(f"layers.{index}.{matrices[0]}")
+        return names
+
+
+def _layer_stats(layer: nn.Module, activation: torch.Tensor) -> dict[str, torch.Tensor]:
+    stats = {
+        "act_mean": activation.mean(),
+        "act_std": activation.std(),
+        "weight_norm": torch.linalg.matrix_norm(layer.weight),
+    }
+    if hasattr(layer, "diagnostics"):
+        stats.update(layer.diagnostics())
+    return stats
+
+
+def _stack_stats(stats: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-layer dicts to one tensor per key; a layer without a key (e.g. no beta) gets NaN."""
+    keys = list(dict.fromkeys(k for s in stats for k in s))
+    reference = stats[0]["act_mean"]
+    missing = torch.full_like(reference, float("nan"))
+    return {k: torch.stack([s.get(k, missing) for s in stats]) for k in keys}

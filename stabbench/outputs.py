@@ -1,0 +1,83 @@
+"""What a run writes, and how: every file lands whole (temp file in the same folder, then
+rename), so a reader — `stabbench report` on a live sweep, a person with `tail` — never
+sees half a file, and a kill mid-write leaves the previous version intact."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+METRICS_COLUMNS = ["step", "epoch", "stage", "seed", "split", "loss", "acc", "time_s"]
+LAYER_COLUMNS = ["step", "epoch", "stage", "seed", "layer", "kind", "grad_norm", "weight_norm", "act_mean", "act_std"]
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a results file is for everyone to read
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    atomic_write_text(path, frame.to_csv(index=False))
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(type(value))
+
+
+class RunRecorder:
+    """Collects metrics and per-layer rows in memory; `flush` rewrites both CSVs whole."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.metric_rows: list[dict] = []
+        self.layer_frames: list[pd.DataFrame] = []
+
+    def metrics(self, **row) -> None:
+        self.metric_rows.append(row)
+
+    def layers(self, frame: pd.DataFrame) -> None:
+        self.layer_frames.append(frame)
+
+    def metrics_frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame(self.metric_rows)
+        extra = [c for c in frame.columns if c not in METRICS_COLUMNS]
+        return frame.reindex(columns=METRICS_COLUMNS + extra)
+
+    def layers_frame(self) -> pd.DataFrame:
+        if not self.layer_frames:
+            return pd.DataFrame(columns=LAYER_COLUMNS)
+        frame = pd.concat(self.layer_frames, ignore_index=True)
+        extra = [c for c in frame.columns if c not in LAYER_COLUMNS]
+        return frame.reindex(columns=LAYER_COLUMNS + extra)
+
+    def flush(self) -> None:
+        write_csv(self.out_dir / "metrics.csv", self.metrics_frame())
+        write_csv(self.out_dir / "layers.csv", self.layers_frame())
