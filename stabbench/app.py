@@ -78,13 +78,84 @@ def check_overrides(argv: list[str], config_name: str, validate: Callable) -> No
                         raise UserError(f"{override.key_or_group}={value!r} is unknown; choose one of: {', '.join(options)}")
         combos = BasicSweeper.split_arguments(parsed, None)[0] if args.multirun else [args.overrides]
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            for combo in combos:
+            for number, combo in enumerate(combos):
                 cfg = compose(config_name=config_name, overrides=list(combo), return_hydra_config=True)
                 validate(cfg)
+                check_output_dir(planned_output_dir(cfg, args.multirun, number), cfg)
     except UserError as error:
         fail(str(error))
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         fail(_one_line(error))
+
+
+def planned_output_dir(cfg, multirun: bool, number: int) -> Path:
+    """Where Hydra will put this job (its ${now:} is resolved a moment earlier: only an
+    explicitly given or reused directory can already exist)."""
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.hydra.job.num = number
+    if not multirun:
+        return Path(OmegaConf.select(cfg, "hydra.run.dir"))
+    return Path(OmegaConf.select(cfg, "hydra.sweep.dir")) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+
+
+def check_output_dir(out_dir: Path, cfg) -> None:
+    """Refuse, before Hydra writes anything there, a directory that holds another config's
+    run or checkpoint, or one that cannot be written."""
+    import os
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from stabbench import checkpoint
+
+    config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    checkpoint.check_run_dir(out_dir, config)
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:  # a real try, since permission bits say little to root (and nothing about /proc or a full disk)
+        if not existing.is_dir():
+            raise OSError
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".stabbench-write-test-"))
+    except OSError:
+        raise UserError(f"output directory {out_dir} cannot be written ({existing} is not a writable folder); "
+                        f"set hydra.run.dir / hydra.sweep.dir to a writable place") from None
+
+
+def previous_output_dir(argv: list[str], config_name: str) -> list[str]:
+    """The same command typed again continues where it left off: if an earlier run (or
+    sweep) was started with exactly these overrides, reuse its directory, so finished runs
+    are skipped (skip_done) and checkpointed ones resume. Returns the override to add."""
+    from hydra import compose, initialize_config_module
+    from hydra._internal.utils import get_args_parser
+    from omegaconf import OmegaConf
+
+    args = get_args_parser().parse_args(argv)
+    if any(getattr(args, flag, None) for flag in INFO_FLAGS):
+        return []
+    task = sorted(o for o in args.overrides if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra")))
+    if any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in args.overrides) or "skip_done=false" in task:
+        return []
+    hydra_overrides = [o for o in args.overrides if o not in task]  # where runs go depends on these alone
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=hydra_overrides, return_hydra_config=True)
+    key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+    root = Path(OmegaConf.select(cfg, key)).parent
+    pattern = "*/multirun.yaml" if args.multirun else "*/.hydra/overrides.yaml"
+    for record in sorted(root.glob(pattern), reverse=True):  # newest first: names start with the time
+        try:
+            saved = OmegaConf.load(record)
+            saved = saved.hydra.overrides.task if args.multirun else saved
+            if sorted(OmegaConf.to_container(saved)) == task:
+                folder = record.parent if args.multirun else record.parent.parent
+                print(f"stabbench: continuing {folder} (same command as before)", flush=True)
+                return [f"{key}={folder}"]
+        except Exception:  # an unreadable old record is simply not a match
+            continue
+    return []
 
 
 def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
@@ -99,6 +170,8 @@ def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
         from stabbench.config import validate
     check_overrides(argv, config_name, validate)
     register_schemas()
+    argv = argv + previous_output_dir(argv, config_name)
+    check_overrides(argv, config_name, validate)
 
     def job(cfg) -> None:
         out_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -78,6 +78,19 @@ class RunRecorder:
         extra = [c for c in frame.columns if c not in LAYER_COLUMNS]
         return frame.reindex(columns=LAYER_COLUMNS + extra)
 
+    def row_counts(self) -> dict[str, int]:
+        return {"metrics": len(self.metric_rows), "layers": sum(len(f) for f in self.layer_frames)}
+
+    def reload(self, counts: dict[str, int]) -> None:
+        """Resume: take back the rows written up to a checkpoint (rows are only ever appended,
+        so the first `counts` rows of each file are exactly the checkpoint's)."""
+        metrics = pd.read_csv(self.out_dir / "metrics.csv").head(counts["metrics"])
+        self.metric_rows = [{k: v for k, v in row.items() if not pd.isna(v) or k in METRICS_COLUMNS}
+                            for row in metrics.to_dict("records")]
+        layers = pd.read_csv(self.out_dir / "layers.csv").head(counts["layers"])
+        # The diagnostics are float32 on the device; read back as float32 they print as before.
+        self.layer_frames = [layers.astype({c: "float32" for c in layers.columns if layers[c].dtype == "float64"})]
+
     def flush(self) -> None:
         write_csv(self.out_dir / "metrics.csv", self.metrics_frame())
         write_csv(self.out_dir / "layers.csv", self.layers_frame())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from torch.func import vmap
 
 import stabbench
-from stabbench import datasets, methods
+from stabbench import checkpoint, datasets, methods
 from stabbench.ensemble import Ensemble
 from stabbench.errors import UserError
 from stabbench.methods.base import Shape, Stage
@@ -72,11 +72,58 @@ class StageResult:
     epochs: int = 0
     train_loss: list = field(default_factory=list)  # per member, mean over the last epoch's steps
     test_loss: list = field(default_factory=list)
-    test_acc: list = field(default_factory=list)
+    test_acc: list | None = field(default_factory=list)
     diverged_step: list = field(default_factory=list)  # per member, -1 if it never diverged
     grad_norm_ratio_init: list = field(default_factory=list)
     grad_norm_ratio_final: list = field(default_factory=list)
     flops: int = 0  # per member
+
+
+@dataclass
+class LoopState:
+    """Everything the loop carries from step to step: what a checkpoint saves."""
+    size: int
+    device: torch.device
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0  # next batch within the epoch
+    order_states: list = field(default_factory=list)  # data-order generators at the epoch's start
+    since_log: int = 0
+    epoch_steps: int = 0
+
+    def __post_init__(self):
+        E, device = self.size, self.device
+        # Running sums stay on the device and reach the host only at log steps (no per-step sync).
+        self.loss_sum = torch.zeros(E, device=device)
+        self.acc_sum = torch.zeros(E, device=device)
+        self.epoch_loss_sum = torch.zeros(E, device=device)
+        self.term_sums: dict[str, torch.Tensor] = {}  # a guided stage's extra loss terms, by name
+        self.diverged_at = torch.full((E,), -1, dtype=torch.long, device=device)
+        self.alive = np.ones(E, dtype=bool)
+        self.first_ratio = np.full(E, np.nan)
+        self.last_ratio = np.full(E, np.nan)
+        self.result = StageResult()
+
+    TENSORS = ("loss_sum", "acc_sum", "epoch_loss_sum", "diverged_at")
+    ARRAYS = ("alive", "first_ratio", "last_ratio")
+    NUMBERS = ("step", "epoch", "batch_index", "since_log", "epoch_steps")
+
+    def state_dict(self) -> dict:
+        state = {k: getattr(self, k) for k in self.NUMBERS + self.TENSORS}
+        state.update({k: torch.from_numpy(getattr(self, k).copy()) for k in self.ARRAYS})
+        state.update(order_states=self.order_states, term_sums=self.term_sums, result=asdict(self.result))
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self.NUMBERS:
+            setattr(self, k, state[k])
+        for k in self.TENSORS:
+            setattr(self, k, state[k].to(self.device))
+        for k in self.ARRAYS:
+            setattr(self, k, state[k].numpy())
+        self.order_states = state["order_states"]
+        self.term_sums = {k: v.to(self.device) for k, v in state["term_sums"].items()}
+        self.result = StageResult(**state["result"])
 
 
 def matmul_weights(ensemble: Ensemble) -> int:
@@ -110,132 +157,186 @@ def evaluate(ensemble: Ensemble, data: datasets.Data, batch_size: int) -> tuple[
     return (loss_sum / n).cpu().numpy(), (correct / n).cpu().numpy() if data.task == "classification" else None
 
 
-def train_stage(cfg, method, stage: Stage, ensemble: Ensemble, guide: Ensemble | None, data: datasets.Data,
-                seeds: list[int], recorder: RunRecorder, started: float) -> StageResult:
-    device = data.x_train.device
-    n_train, E = len(data.x_train), ensemble.size
-    batch_size = min(cfg.batch_size, n_train)  # a tiny data-scarce split still trains
-    steps_per_epoch = n_train // batch_size  # drop the ragged last batch: static shapes
-    total_steps = stage.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    optimizer = make_optimizer(cfg, ensemble.parameters())
-    weight_names = ensemble.skeleton.weight_param_names()
-    n_layers = len(weight_names)
-    kinds = np.array(["input"] + ["hidden"] * (n_layers - 2) + ["output"]) if n_layers > 1 else np.array(["output"])
-    orders = [torch.Generator().manual_seed(seed * 1_000_003 + stage.index) for seed in seeds]
+def make_train_step(method, stage: Stage, ensemble: Ensemble, guide: Ensemble | None, optimizer, task: str,
+                    weight_names: list[str]):
+    """One optimiser step on a batch [E, B, ...]: forward, loss, backward, diagnostics, update.
+    Returns device tensors only (no host sync), so the step can be captured as a CUDA graph."""
 
-    # Running sums live on the device; they reach the host only at log steps (no per-step sync).
-    loss_sum = torch.zeros(E, device=device)
-    acc_sum = torch.zeros(E, device=device)
-    epoch_loss_sum = torch.zeros(E, device=device)
-    diverged_at = torch.full((E,), -1, dtype=torch.long, device=device)
-    term_sums: dict[str, torch.Tensor] = {}  # guidance loss terms of a guided stage, by name
-    since_log = epoch_steps = 0
-    alive = np.ones(E, dtype=bool)
-    result = StageResult()
-    first_ratio = last_ratio = np.full(E, np.nan)
-    progress = TrainingProgress(f"{cfg.method.name} d{stage.depth} w{cfg.width}"
-                                + (f" stage {stage.index}" if stage.index else ""), total_steps)
-    step = epoch = 0
-    ensemble.train()
-    while step < total_steps and alive.any():
-        order = torch.stack([torch.randperm(n_train, generator=g) for g in orders]).to(device)  # [E, n]
-        epoch_loss_sum.zero_()
-        epoch_steps = 0
-        for batch_index in range(steps_per_epoch):
-            if step >= total_steps:
-                break
-            record = step % cfg.log_every == 0 or step == total_steps - 1
-            index = order[:, batch_index * batch_size:(batch_index + 1) * batch_size]
-            x, y = data.x_train[index], data.y_train[index]  # [E, B, F], [E, B]
+    def train_step(x, y, record: bool) -> dict[str, torch.Tensor]:
+        out = ensemble(x, record=record, keep_hidden=guide is not None)
+        loss, acc = task_loss(task, out["logits"], y)
+        objective, terms = loss, {}
+        if guide is not None:
+            with torch.no_grad():
+                guide_out = guide(x, keep_hidden=True)
+            terms = vmap(lambda s, g: method.guidance_losses(s, g, stage), randomness="different")(out, guide_out)
+            objective = objective + sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        objective.sum().backward()
+        step = {"loss": loss.detach(), "objective": objective.detach(), "terms": {k: v.detach() for k, v in terms.items()}}
+        if acc is not None:
+            step["acc"] = acc
+        if record:
+            grads = [ensemble.params[name].grad for name in weight_names]
+            step["layers"] = {"grad_norm": torch.stack([g.flatten(1).norm(dim=1) for g in grads], 1),
+                              **{k: v.detach() for k, v in out.items() if k not in ("logits", "hidden")}}
+        optimizer.step()
+        return step
 
-            # -- the step: forward, loss, backward, diagnostics, update -------------------
-            out = ensemble(x, record=record, keep_hidden=guide is not None)
-            loss, acc = task_loss(data.task, out["logits"], y)
-            objective = loss
-            if guide is not None:
-                with torch.no_grad():
-                    guide_out = guide(x, keep_hidden=True)
-                terms = vmap(lambda s, g: method.guidance_losses(s, g, stage), randomness="different")(out, guide_out)
-                objective = objective + sum(terms.values())
-                for name, value in terms.items():
-                    term_sums[name] = term_sums.get(name, 0) + value.detach()
-            optimizer.zero_grad(set_to_none=True)
-            objective.sum().backward()
-            if record:
-                grads = [ensemble.params[name].grad for name in weight_names]
-                grad_norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], 1)  # [E, layers]
-            optimizer.step()
+    return train_step
 
-            loss_sum += loss.detach()
-            epoch_loss_sum += loss.detach()
-            if acc is not None:
-                acc_sum += acc
-            diverged_at = torch.where(~torch.isfinite(objective.detach()) & (diverged_at < 0), step, diverged_at)
-            since_log += 1
-            epoch_steps += 1
 
-            if record:
-                now = time.perf_counter() - started
-                mean_loss = (loss_sum / since_log).cpu().numpy()
-                mean_acc = (acc_sum / since_log).cpu().numpy() if acc is not None else [None] * E
-                diverged = diverged_at.cpu().numpy() >= 0
-                mean_terms = {name: (value / since_log).cpu().numpy() for name, value in term_sums.items()}
-                for k in np.flatnonzero(alive):
-                    recorder.metrics(step=step, epoch=epoch, stage=stage.index, seed=seeds[k], split="train",
-                                     loss=float(mean_loss[k]),
-                                     acc=None if mean_acc[k] is None else float(mean_acc[k]), time_s=round(now, 3),
-                                     **{name: float(value[k]) for name, value in mean_terms.items()})
-                layer_stats = {"grad_norm": grad_norms, **{k: v for k, v in out.items() if k not in ("logits", "hidden")}}
-                layer_stats = {k: v.detach().cpu().numpy() for k, v in layer_stats.items()}
-                rows = alive  # a member's rows stop after its divergence
-                recorder.layers(pd.DataFrame({
-                    "step": step, "epoch": epoch, "stage": stage.index,
-                    "seed": np.repeat(np.array(seeds)[rows], n_layers),
-                    "layer": np.tile(np.arange(1, n_layers + 1), rows.sum()),
-                    "kind": np.tile(kinds, rows.sum()),
-                    **{k: v[rows].reshape(-1) for k, v in layer_stats.items()},
-                }))
-                ratio = grad_norm_ratio(layer_stats["grad_norm"], stage.depth)
-                if step == 0:
-                    first_ratio = ratio
-                last_ratio = np.where(alive & ~diverged, ratio, last_ratio)
-                alive &= ~diverged
-                progress.update(step + 1, loss=float(np.nanmean(np.where(alive, mean_loss, np.nan)))
-                                if alive.any() else float("nan"),
-                                acc=float(np.mean(mean_acc[alive])) if acc is not None and alive.any() else float("nan"))
-                loss_sum.zero_()
-                acc_sum.zero_()
-                term_sums.clear()
-                since_log = 0
-                if not alive.any():
-                    break
-            step += 1
-        epoch += 1
-        if alive.any():
-            test_loss, test_acc = evaluate(ensemble, data, cfg.trainer.eval_batch_size)
-            now = time.perf_counter() - started
-            for k in np.flatnonzero(alive):
-                recorder.metrics(step=step, epoch=epoch, stage=stage.index, seed=seeds[k], split="test",
-                                 loss=float(test_loss[k]), acc=None if test_acc is None else float(test_acc[k]),
-                                 time_s=round(now, 3))
-            result.test_loss, result.test_acc = test_loss.tolist(), None if test_acc is None else test_acc.tolist()
-            result.train_loss = (epoch_loss_sum / max(epoch_steps, 1)).cpu().tolist()
-        recorder.flush()
-    progress.close()
+class Run:
+    """What stays fixed across a run's stages: config, data, method, seeds, output files."""
 
-    result.steps, result.epochs = step, epoch
-    # Training compute: forward + backward ~ 6 FLOP per weight per example; a guide adds its forward (2).
-    examples = step * batch_size
-    result.flops = 6 * matmul_weights(ensemble) * examples + (2 * matmul_weights(guide) * examples if guide else 0)
-    result.diverged_step = diverged_at.cpu().tolist()
-    result.grad_norm_ratio_init, result.grad_norm_ratio_final = first_ratio.tolist(), last_ratio.tolist()
-    if not result.test_loss:  # every member diverged before the first evaluation
-        result.test_loss = [float("nan")] * E
-        result.test_acc = None if data.task == "regression" else [float("nan")] * E
-        result.train_loss = [float("nan")] * E
-    return result
+    def __init__(self, cfg, out_dir: Path):
+        self.cfg, self.out_dir = cfg, Path(out_dir)
+        self.started = time.perf_counter()
+        self.device = resolve_device(cfg.device)
+        self.method = methods.create(cfg.method)
+        self.data = datasets.load(cfg.dataset, self.device)
+        self.seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.recorder = RunRecorder(self.out_dir)
+        self.checkpoint_path = self.out_dir / checkpoint.FILENAME
+
+    def shape(self, stage: Stage) -> Shape:
+        return Shape(self.data.in_features, self.data.n_outputs, stage.depth, self.cfg.width)
+
+    def save_checkpoint(self, stage, ensemble, guide, optimizer, state: LoopState, finished: list) -> None:
+        self.recorder.flush()
+        checkpoint.save(self.checkpoint_path, {
+            "config_key": checkpoint.config_key(self.config), "config": self.config,
+            "stage": stage.index, "finished": [asdict(r) for _, r in finished],
+            "ensemble": ensemble.state_dict(), "guide": guide.state_dict() if guide is not None else None,
+            "optimizer": optimizer.state_dict(), "loop": state.state_dict(),
+            "rng": torch.get_rng_state(), "rows": self.recorder.row_counts(),
+        })
+
+    def train_stage(self, stage: Stage, ensemble: Ensemble, guide: Ensemble | None, finished: list,
+                    preemption: checkpoint.Preemption, resume: dict | None = None) -> StageResult:
+        cfg, data, E = self.cfg, self.data, ensemble.size
+        n_train = len(data.x_train)
+        batch_size = min(cfg.batch_size, n_train)  # a tiny data-scarce split still trains
+        steps_per_epoch = n_train // batch_size  # drop the ragged last batch: static shapes
+        total_steps = stage.epochs * steps_per_epoch
+        if cfg.max_steps is not None:
+            total_steps = min(total_steps, cfg.max_steps)
+        optimizer = make_optimizer(cfg, ensemble.parameters())
+        weight_names = ensemble.skeleton.weight_param_names()
+        n_layers = len(weight_names)
+        kinds = np.array(["input"] + ["hidden"] * (n_layers - 2) + ["output"]) if n_layers > 1 else np.array(["output"])
+        orders = [torch.Generator().manual_seed(seed * 1_000_003 + stage.index) for seed in self.seeds]
+        train_step = make_train_step(self.method, stage, ensemble, guide, optimizer, data.task, weight_names)
+        state = LoopState(E, self.device)
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            state.load_state_dict(resume["loop"])
+            torch.set_rng_state(resume["rng"])
+        resumed_at = state.step
+        progress = TrainingProgress(f"{cfg.method.name} d{stage.depth} w{cfg.width}"
+                                    + (f" stage {stage.index}" if stage.index else ""), total_steps)
+        ensemble.train()
+        while state.step < total_steps and state.alive.any():
+            if state.batch_index == 0:
+                state.order_states = [g.get_state() for g in orders]
+                state.epoch_loss_sum.zero_()
+                state.epoch_steps = 0
+            for g, saved in zip(orders, state.order_states):
+                g.set_state(saved)  # the same epoch order whether started here or resumed mid-epoch
+            order = torch.stack([torch.randperm(n_train, generator=g) for g in orders]).to(self.device)  # [E, n]
+            while state.batch_index < steps_per_epoch and state.step < total_steps:
+                step = state.step
+                periodic = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                if step != resumed_at and (periodic or preemption.requested):
+                    self.save_checkpoint(stage, ensemble, guide, optimizer, state, finished)
+                    if preemption.requested:
+                        progress.close()
+                        preemption.hand_over()
+                record = step % cfg.log_every == 0 or step == total_steps - 1
+                index = order[:, state.batch_index * batch_size:(state.batch_index + 1) * batch_size]
+                out = train_step(data.x_train[index], data.y_train[index], record)  # x [E, B, F], y [E, B]
+
+                state.loss_sum += out["loss"]
+                state.epoch_loss_sum += out["loss"]
+                if "acc" in out:
+                    state.acc_sum += out["acc"]
+                for name, value in out["terms"].items():
+                    state.term_sums[name] = state.term_sums.get(name, 0) + value
+                state.diverged_at = torch.where(~torch.isfinite(out["objective"]) & (state.diverged_at < 0), step,
+                                                state.diverged_at)
+                state.since_log += 1
+                state.epoch_steps += 1
+                state.batch_index += 1
+                state.step += 1
+                if record:
+                    self.log_step(stage, state, step, out, kinds, progress)
+                    if not state.alive.any():
+                        break
+            self.end_epoch(stage, ensemble, state)
+        progress.close()
+
+        result = state.result
+        result.steps, result.epochs = state.step, state.epoch
+        result.diverged_step = state.diverged_at.cpu().tolist()
+        result.grad_norm_ratio_init, result.grad_norm_ratio_final = state.first_ratio.tolist(), state.last_ratio.tolist()
+        # Training compute: forward + backward ~ 6 FLOP per weight per example; a guide adds its forward (2).
+        examples = state.step * batch_size
+        result.flops = 6 * matmul_weights(ensemble) * examples + (2 * matmul_weights(guide) * examples if guide else 0)
+        if not result.test_loss:  # every member diverged before the first evaluation
+            result.test_loss = [float("nan")] * E
+            result.test_acc = None if data.task == "regression" else [float("nan")] * E
+            result.train_loss = [float("nan")] * E
+        return result
+
+    def log_step(self, stage: Stage, state: LoopState, step: int, out: dict, kinds: np.ndarray, progress) -> None:
+        """A log step's rows: one train row per live seed in metrics.csv, one row per layer in layers.csv."""
+        seeds, E, n_layers = np.array(self.seeds), len(self.seeds), len(kinds)
+        now = round(time.perf_counter() - self.started, 3)
+        mean_loss = (state.loss_sum / state.since_log).cpu().numpy()
+        mean_acc = (state.acc_sum / state.since_log).cpu().numpy() if "acc" in out else None
+        mean_terms = {name: (value / state.since_log).cpu().numpy() for name, value in state.term_sums.items()}
+        diverged = state.diverged_at.cpu().numpy() >= 0
+        alive = state.alive  # a member's rows stop after the log step that saw it diverge
+        for k in np.flatnonzero(alive):
+            self.recorder.metrics(step=step, epoch=state.epoch, stage=stage.index, seed=int(seeds[k]), split="train",
+                                  loss=float(mean_loss[k]), acc=None if mean_acc is None else float(mean_acc[k]),
+                                  time_s=now, **{name: float(value[k]) for name, value in mean_terms.items()})
+        layer_stats = {k: v.cpu().numpy() for k, v in out["layers"].items()}
+        self.recorder.layers(pd.DataFrame({
+            "step": step, "epoch": state.epoch, "stage": stage.index,
+            "seed": np.repeat(seeds[alive], n_layers),
+            "layer": np.tile(np.arange(1, n_layers + 1), alive.sum()),
+            "kind": np.tile(kinds, alive.sum()),
+            **{k: v[alive].reshape(-1) for k, v in layer_stats.items()},
+        }))
+        ratio = grad_norm_ratio(layer_stats["grad_norm"], stage.depth)
+        if step == 0:
+            state.first_ratio = ratio
+        state.last_ratio = np.where(alive & ~diverged, ratio, state.last_ratio)
+        state.alive = alive & ~diverged
+        live = state.alive
+        progress.update(step + 1, loss=float(mean_loss[live].mean()) if live.any() else float("nan"),
+                        acc=float(mean_acc[live].mean()) if mean_acc is not None and live.any() else float("nan"))
+        state.loss_sum.zero_()
+        state.acc_sum.zero_()
+        state.term_sums.clear()
+        state.since_log = 0
+
+    def end_epoch(self, stage: Stage, ensemble: Ensemble, state: LoopState) -> None:
+        state.epoch += 1
+        state.batch_index = 0
+        if state.alive.any():
+            test_loss, test_acc = evaluate(ensemble, self.data, self.cfg.trainer.eval_batch_size)
+            now = round(time.perf_counter() - self.started, 3)
+            for k in np.flatnonzero(state.alive):
+                self.recorder.metrics(step=state.step, epoch=state.epoch, stage=stage.index, seed=self.seeds[k],
+                                      split="test", loss=float(test_loss[k]),
+                                      acc=None if test_acc is None else float(test_acc[k]), time_s=now)
+            state.result.test_loss = test_loss.tolist()
+            state.result.test_acc = None if test_acc is None else test_acc.tolist()
+            state.result.train_loss = (state.epoch_loss_sum / max(state.epoch_steps, 1)).cpu().tolist()
+        self.recorder.flush()
 
 
 def git_commit() -> str | None:
@@ -248,27 +349,55 @@ def git_commit() -> str | None:
 
 
 def run(cfg, out_dir: Path) -> list[dict]:
-    """Train as configured; write the run's files into out_dir; return one summary per seed."""
-    started = time.perf_counter()
-    device = resolve_device(cfg.device)
-    method = methods.create(cfg.method)
-    data = datasets.load(cfg.dataset, device)
-    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
-    recorder = RunRecorder(out_dir)
-    guide, stage_records, results = None, [], []
-    for stage in method.stages(cfg.depth, cfg.epochs):
-        shape = Shape(data.in_features, data.n_outputs, stage.depth, cfg.width)
-        ensemble = build_ensemble(method, shape, seeds, device)
-        if guide is not None:
-            method.warm_start(ensemble, guide, stage)
-        result = train_stage(cfg, method, stage, ensemble, guide, data, seeds, recorder, started)
-        results.append((stage, result))
-        guide = ensemble.freeze()
+    """Train as configured; write the run's files into out_dir; return one summary per seed.
+    A directory with a complete run of this config is left as it is (skip_done); one with
+    a checkpoint of this config resumes from it."""
+    out_dir = Path(out_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    done = checkpoint.check_run_dir(out_dir, config)
+    if done is not None and cfg.skip_done:
+        print(f"already complete: {out_dir} (skip_done=true; skip_done=false retrains)", flush=True)
+        return done
+    run = Run(cfg, out_dir)
+    resume = checkpoint.load(run.checkpoint_path) if run.checkpoint_path.is_file() else None
+    if resume is not None:
+        run.recorder.reload(resume["rows"])
+        print(f"resuming {out_dir} at stage {resume['stage']}, step {resume['loop']['step']}", flush=True)
+    stages = run.method.stages(cfg.depth, cfg.epochs)
+    finished: list[tuple[Stage, StageResult]] = []
+    guide = None
+    with checkpoint.Preemption() as preemption:
+        for stage in stages:
+            if resume is not None and stage.index < resume["stage"]:
+                finished.append((stage, StageResult(**resume["finished"][stage.index])))
+                continue
+            ensemble = build_ensemble(run.method, run.shape(stage), run.seeds, run.device)
+            stage_resume = None
+            if resume is not None and stage.index == resume["stage"]:
+                if resume["guide"] is not None:
+                    guide = build_ensemble(run.method, run.shape(finished[-1][0]), run.seeds, run.device)
+                    guide.load_state_dict(resume["guide"])
+                    guide.freeze()
+                ensemble.load_state_dict(resume["ensemble"])
+                stage_resume, resume = resume, None
+            elif guide is not None:
+                run.method.warm_start(ensemble, guide, stage)
+            result = run.train_stage(stage, ensemble, guide, finished, preemption, stage_resume)
+            finished.append((stage, result))
+            guide = ensemble.freeze()
+    summaries = summarize(run, finished)
+    write_json(out_dir / "summary.json", summaries[0] if len(summaries) == 1 else
+               {"schema_version": stabbench.SCHEMA_VERSION, "seeds": summaries})
+    run.checkpoint_path.unlink(missing_ok=True)  # the run is complete: the summary is what counts now
+    print_summary(summaries, out_dir)
+    return summaries
 
-    stage, final = results[-1]
-    wall = time.perf_counter() - started
+
+def summarize(run: Run, finished: list[tuple[Stage, StageResult]]) -> list[dict]:
+    cfg = run.cfg
+    final = finished[-1][1]
     summaries = []
-    for k, seed in enumerate(seeds):
+    for k, seed in enumerate(run.seeds):
         summary = {
             "schema_version": stabbench.SCHEMA_VERSION,
             "method": cfg.method.name, "dataset": cfg.dataset.name, "depth": cfg.depth, "width": cfg.width,
@@ -279,20 +408,17 @@ def run(cfg, out_dir: Path) -> list[dict]:
             "diverged_step": final.diverged_step[k] if final.diverged_step[k] >= 0 else None,
             "grad_norm_ratio_init": final.grad_norm_ratio_init[k],
             "grad_norm_ratio_final": final.grad_norm_ratio_final[k],
-            "total_steps": sum(r.steps for _, r in results),
-            "total_flops": sum(r.flops for _, r in results),
-            "wall_time_s": round(wall, 3), "device": str(device), "torch_version": torch.__version__,
-            "git_commit": git_commit(),
-            "config": OmegaConf.to_container(cfg, resolve=True),
+            "total_steps": sum(r.steps for _, r in finished),
+            "total_flops": sum(r.flops for _, r in finished),
+            "wall_time_s": round(time.perf_counter() - run.started, 3), "device": str(run.device),
+            "torch_version": torch.__version__, "git_commit": git_commit(),
+            "config": run.config,
         }
-        if len(results) > 1:
+        if len(finished) > 1:
             summary["stages"] = [{"stage": s.index, "depth": s.depth, "epochs": r.epochs, "steps": r.steps,
                                   "train_loss": r.train_loss[k], "test_loss": r.test_loss[k],
-                                  "test_acc": None if r.test_acc is None else r.test_acc[k]} for s, r in results]
+                                  "test_acc": None if r.test_acc is None else r.test_acc[k]} for s, r in finished]
         summaries.append(_finite_or_none(summary))
-    write_json(out_dir / "summary.json", summaries[0] if len(summaries) == 1 else
-               {"schema_version": stabbench.SCHEMA_VERSION, "seeds": summaries})
-    print_summary(summaries, out_dir)
     return summaries
 
 
