@@ -41,12 +41,20 @@ class ProbeConfig:
 
 
 @dataclass
+class BenchConfig:
+    steps: int = 20  # timed steps per measurement (after warm-up)
+    repeats: int = 3  # measurements; the median is reported
+    reference: bool = True  # also time the tutorial-style reference loop
+
+
+@dataclass
 class Config:
     method: Any = MISSING
     dataset: Any = MISSING
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     depth: int = 20  # hidden layers
     width: int = 128
     seed: int = 0
@@ -99,6 +107,8 @@ def validate(cfg) -> None:
     check_range("trainer.eval_batch_size", cfg.trainer.eval_batch_size, low=1)
     check_range("probe.networks", cfg.probe.networks, low=1)
     check_range("probe.batch_size", cfg.probe.batch_size, low=1)
+    check_range("bench.steps", cfg.bench.steps, low=1)
+    check_range("bench.repeats", cfg.bench.repeats, low=1)
     check_choice("dataset", cfg.dataset.name, datasets.NAMES)
     check_range("dataset.fraction", cfg.dataset.fraction, low=0, high=1, low_open=True)
     methods.create(cfg.method)

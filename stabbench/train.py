@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from torch.func import vmap
 
 import stabbench
-from stabbench import checkpoint, datasets, methods
+from stabbench import checkpoint, datasets, fast, methods
 from stabbench.ensemble import Ensemble
 from stabbench.errors import UserError
 from stabbench.methods.base import Shape, Stage
@@ -48,13 +48,15 @@ def build_ensemble(method, shape: Shape, seeds: list[int], device: torch.device)
     return Ensemble(models)
 
 
-def make_optimizer(cfg, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+def make_optimizer(cfg, params: list[torch.Tensor], capturable: bool = False) -> torch.optim.Optimizer:
+    """capturable: Adam keeps its step count on the device, as a CUDA graph needs."""
     opt = cfg.optimizer
     if opt.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=opt.momentum, nesterov=opt.nesterov,
                                weight_decay=opt.weight_decay)
     if opt.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
+                                capturable=capturable)
     raise UserError(f"optimizer={opt.name!r} is unknown; choose one of: sgd, adam")
 
 
@@ -157,12 +159,15 @@ def evaluate(ensemble: Ensemble, data: datasets.Data, batch_size: int) -> tuple[
     return (loss_sum / n).cpu().numpy(), (correct / n).cpu().numpy() if data.task == "classification" else None
 
 
-def make_train_step(method, stage: Stage, ensemble: Ensemble, guide: Ensemble | None, optimizer, task: str,
-                    weight_names: list[str]):
-    """One optimiser step on a batch [E, B, ...]: forward, loss, backward, diagnostics, update.
-    Returns device tensors only (no host sync), so the step can be captured as a CUDA graph."""
+def make_train_step(method, stage: Stage, ensemble: Ensemble, guide: Ensemble | None, optimizer,
+                    data: datasets.Data, weight_names: list[str]):
+    """One optimiser step on the batch `index` [E, B] of the training split: gather, forward,
+    loss, backward, diagnostics, update. Device tensors in and out, no host sync, so the
+    whole step can be captured as one CUDA graph (fast.py)."""
+    task = data.task
 
-    def train_step(x, y, record: bool) -> dict[str, torch.Tensor]:
+    def train_step(index: torch.Tensor, record: bool) -> dict[str, torch.Tensor]:
+        x, y = data.x_train[index], data.y_train[index]  # [E, B, F], [E, B]
         out = ensemble(x, record=record, keep_hidden=guide is not None)
         loss, acc = task_loss(task, out["logits"], y)
         objective, terms = loss, {}
@@ -193,6 +198,7 @@ class Run:
         self.cfg, self.out_dir = cfg, Path(out_dir)
         self.started = time.perf_counter()
         self.device = resolve_device(cfg.device)
+        fast.set_tf32(cfg.trainer.tf32)
         self.method = methods.create(cfg.method)
         self.data = datasets.load(cfg.dataset, self.device)
         self.seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
@@ -222,12 +228,14 @@ class Run:
         total_steps = stage.epochs * steps_per_epoch
         if cfg.max_steps is not None:
             total_steps = min(total_steps, cfg.max_steps)
-        optimizer = make_optimizer(cfg, ensemble.parameters())
+        optimizer = make_optimizer(cfg, ensemble.parameters(), capturable=fast.graphs_enabled(cfg.trainer.cuda_graph,
+                                                                                              self.device))
         weight_names = ensemble.skeleton.weight_param_names()
         n_layers = len(weight_names)
         kinds = np.array(["input"] + ["hidden"] * (n_layers - 2) + ["output"]) if n_layers > 1 else np.array(["output"])
         orders = [torch.Generator().manual_seed(seed * 1_000_003 + stage.index) for seed in self.seeds]
-        train_step = make_train_step(self.method, stage, ensemble, guide, optimizer, data.task, weight_names)
+        train_step = fast.maybe_graphed(make_train_step(self.method, stage, ensemble, guide, optimizer, data,
+                                                        weight_names), cfg.trainer.cuda_graph, self.device)
         state = LoopState(E, self.device)
         if resume is not None:
             optimizer.load_state_dict(resume["optimizer"])
@@ -255,7 +263,7 @@ class Run:
                         preemption.hand_over()
                 record = step % cfg.log_every == 0 or step == total_steps - 1
                 index = order[:, state.batch_index * batch_size:(state.batch_index + 1) * batch_size]
-                out = train_step(data.x_train[index], data.y_train[index], record)  # x [E, B, F], y [E, B]
+                out = train_step(index, record)
 
                 state.loss_sum += out["loss"]
                 state.epoch_loss_sum += out["loss"]

@@ -1,0 +1,134 @@
+"""`stabbench bench`: how much faster than the loop a user would otherwise write.
+
+Times, in one process, on the same shape, device and method:
+- reference: the tutorial way — a DataLoader over CPU tensors, one eager nn.Module per
+  seed, an optimiser step per batch, and the same diagnostics at log steps (per-layer
+  activation statistics and gradient norms via torch._foreach_norm);
+- stabbench: the runner's own training loop (train.Run.train_stage) with `seeds` seeds as
+  one batched model, CUDA graphs per `trainer.cuda_graph`.
+Each measurement trains N and 2N steps and takes the difference, so set-up, warm-up,
+compilation/capture and the end-of-run evaluation cancel; the median over
+`bench.repeats` is reported as ms per step per model, with the ratio reference / stabbench.
+"""
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf, open_dict
+from rich.table import Table
+from torch.utils.data import DataLoader, TensorDataset
+
+from stabbench import datasets, methods, train
+from stabbench.checkpoint import Preemption
+from stabbench.methods.base import Shape, Stage
+from stabbench.outputs import write_json
+from stabbench.progress import console
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reference_loop(cfg, method, data: datasets.Data, shape: Shape, device: torch.device, steps: int) -> float:
+    """Seconds for `steps` steps of the tutorial loop, one model."""
+    torch.manual_seed(cfg.seed)
+    model = method.build(shape).to(device)
+    optimizer = train.make_optimizer(cfg, list(model.parameters()))
+    cpu = TensorDataset(data.x_train.cpu(), data.y_train.cpu())
+    loader = DataLoader(cpu, batch_size=min(cfg.batch_size, len(cpu)), shuffle=True, drop_last=True)
+    batches = iter(())
+    sync(device)
+    start = time.perf_counter()
+    for step in range(steps):
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            x, y = next(batches)
+        x, y = x.to(device), y.to(device)
+        record = step % cfg.log_every == 0
+        out = model(x, record=record)
+        loss = F.cross_entropy(out["logits"], y) if data.task == "classification" else F.mse_loss(out["logits"], y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if record:
+            grad_norms = torch._foreach_norm([layer.weight.grad for layer in model.layers])
+            logged = [float(g) for g in grad_norms] + [float(out["act_std"].detach().sum())]  # a user prints these
+        optimizer.step()
+        loss.item()  # the tutorial's running-loss print: one sync per step
+    sync(device)
+    return time.perf_counter() - start
+
+
+def runner_loop(cfg, out_dir: Path, steps: int) -> float:
+    """Seconds for `steps` steps of stabbench's own loop (all seeds together)."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.max_steps = steps
+        cfg.checkpoint_every = 0
+    run = train.Run(cfg, out_dir)
+    stage = Stage(depth=cfg.depth, epochs=max(cfg.epochs, 10_000))
+    ensemble = train.build_ensemble(run.method, run.shape(stage), run.seeds, run.device)
+    sync(run.device)
+    start = time.perf_counter()
+    with Preemption() as preemption:
+        run.train_stage(stage, ensemble, None, [], preemption)
+    sync(run.device)
+    return time.perf_counter() - start
+
+
+def per_step(measure, steps: int, repeats: int) -> float:
+    """Median seconds per step, from (time of 2N steps - time of N steps) / N."""
+    measure(2)  # warm-up: first-call costs (allocator, kernels, imports)
+    samples = [(measure(2 * steps) - measure(steps)) / steps for _ in range(repeats)]
+    return statistics.median(samples)
+
+
+def run(cfg, out_dir: Path) -> dict:
+    out_dir = Path(out_dir)
+    device = train.resolve_device(cfg.device)
+    method = methods.create(cfg.method)
+    data = datasets.load(cfg.dataset, device)
+    shape = Shape(data.in_features, data.n_outputs, cfg.depth, cfg.width)
+    steps, repeats = cfg.bench.steps, cfg.bench.repeats
+    scratch = out_dir / "runner"
+    scratch.mkdir(exist_ok=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    stabbench_s = per_step(lambda n: runner_loop(cfg, scratch, n), steps, repeats) / cfg.seeds
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    reference_s = per_step(lambda n: reference_loop(cfg, method, data, shape, device, n), steps, repeats) \
+        if cfg.bench.reference else None
+    result = {
+        "shape": {"depth": cfg.depth, "width": cfg.width, "batch_size": cfg.batch_size, "in_features": shape.in_features,
+                  "out_features": shape.out_features, "seeds": cfg.seeds, "method": cfg.method.name},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "cuda_graph": cfg.trainer.cuda_graph, "tf32": cfg.trainer.tf32,
+        "reference_ms_per_step": None if reference_s is None else round(reference_s * 1e3, 4),
+        "stabbench_ms_per_step_per_model": round(stabbench_s * 1e3, 4),
+        "ratio": None if reference_s is None else round(reference_s / stabbench_s, 3),
+        "peak_memory_bytes": peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "steps": steps, "repeats": repeats, "torch_version": torch.__version__,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_json(out_dir / "bench.json", result)
+    table = Table(title=f"{cfg.method.name} depth {cfg.depth} width {cfg.width} batch {cfg.batch_size} "
+                        f"on {device}, ms per step per model", title_justify="left")
+    for column in ("reference (DataLoader, eager, 1 model)", f"stabbench ({cfg.seeds} seeds batched)", "ratio"):
+        table.add_column(column, justify="right")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    table.add_row(fmt(result["reference_ms_per_step"]), fmt(result["stabbench_ms_per_step_per_model"]),
+                  "-" if result["ratio"] is None else f"{result['ratio']:.2f}x")
+    console.print(table)
+    print(f"ratio {result['ratio']}  (wrote {out_dir / 'bench.json'})", flush=True)
+    return result

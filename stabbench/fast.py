@@ -1,0 +1,94 @@
+"""The speed tricks, all in one place (the rest of the code is plain eager PyTorch).
+
+At the BSNN paper's shape (depth 200, width 500, batch 128) a training step is ~1,200
+small kernels: launch-bound on a GPU. ../shared/performance.md measured on one H100
+(ms per step per model): plain eager loop 33.5; the whole step as one CUDA graph 11.6;
+plus TF32 6.7; 8 seeds batched into one model (ensemble.py) + graph 2.95; 32 seeds 1.93.
+What the runner does to get there:
+- data lives on the device (datasets.prepare), batches are index gathers: no DataLoader;
+- static shapes: the ragged last batch of an epoch is dropped (train.py);
+- no host syncs inside a step: metrics are device tensors read back at log steps only;
+- seeds batched into one model (ensemble.py), so each kernel does E times the work;
+- the whole step (gather, forward, backward, grad norms, optimiser) captured once as a
+  CUDA graph and replayed (below), one graph for plain steps and one for log steps;
+- TF32 matmuls, opt-in (trainer.tf32), since they change the numbers.
+`torch.compile` does not help this shape (performance.md), so it is not used.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+WARMUP_STEPS = 3  # eager steps on a side stream before capture, as torch.cuda.graphs requires
+
+
+def set_tf32(enabled: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def graphs_enabled(mode: str, device: torch.device) -> bool:
+    """trainer.cuda_graph: auto = on for CUDA; on = required (error off CUDA); off = eager."""
+    if mode == "on" and device.type != "cuda":
+        from stabbench.errors import UserError
+
+        raise UserError(f"trainer.cuda_graph=on needs device=cuda (device is {device.type}); use auto or off")
+    return mode != "off" and device.type == "cuda"
+
+
+def maybe_graphed(train_step, mode: str, device: torch.device):
+    return GraphedStep(train_step, strict=mode == "on") if graphs_enabled(mode, device) else train_step
+
+
+class GraphedStep:
+    """`train_step(index, record)` replayed from a CUDA graph per value of `record`.
+
+    The first WARMUP_STEPS calls are real training steps run eagerly on a side stream (the
+    allocator and cuBLAS settle there); the next call of each kind captures its graph,
+    which does not execute, so it then replays it once for that step. Inputs are copied
+    into a static index buffer; the returned tensors are the graph's static outputs,
+    overwritten by the next replay of the same graph (the loop reads them before that).
+    If capture fails (an op that cannot be captured) the step falls back to eager with a
+    warning, unless trainer.cuda_graph=on, where it is an error.
+    """
+
+    def __init__(self, train_step, strict: bool = False):
+        self.train_step, self.strict = train_step, strict
+        self.calls = 0
+        self.graphs: dict[bool, tuple] = {}
+        self.failed = False
+        self.stream = torch.cuda.Stream()
+
+    def __call__(self, index: torch.Tensor, record: bool):
+        if self.failed:
+            return self.train_step(index, record)
+        if self.calls < WARMUP_STEPS:
+            self.calls += 1
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                out = self.train_step(index, record)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return out
+        if record not in self.graphs:
+            try:
+                self.graphs[record] = self._capture(index, record)
+            except Exception as error:  # noqa: BLE001 - any capture failure falls back to eager
+                if self.strict:
+                    raise
+                warnings.warn(f"CUDA graph capture failed ({type(error).__name__}: {error}); training eagerly")
+                self.failed = True
+                self.graphs.clear()
+                return self.train_step(index, record)
+        graph, static_index, static_out = self.graphs[record]
+        static_index.copy_(index)
+        graph.replay()
+        return static_out
+
+    def _capture(self, index: torch.Tensor, record: bool):
+        static_index = index.clone()
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):  # a private memory pool per graph: the two never share buffers
+            static_out = self.train_step(static_index, record)
+        return graph, static_index, static_out

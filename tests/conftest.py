@@ -1,0 +1,57 @@
+"""Shared test helpers: compose a config as `stabbench run` would, and call the CLI
+in-process (fast) or as a real subprocess (exit codes, signals, stderr)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["dataset.n_train=512", "dataset.n_test=128", "width=16", "epochs=1"]  # a run in about a second
+
+
+def compose(*overrides: str, config_name: str = "config"):
+    """The config `stabbench run <overrides>` would train (hydra node left out)."""
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    from stabbench.config import register_schemas
+
+    register_schemas()
+    with initialize_config_module(config_module="stabbench.conf", version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def run_subprocess(*args: str, cwd: Path, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "stabbench.cli", *args], cwd=cwd, capture_output=True, text=True,
+                           timeout=timeout, env=env, **kwargs)
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    """Run `stabbench ...` in-process from tmp_path; returns (exit code, stdout, stderr)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from stabbench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def call(*args: str):
+        GlobalHydra.instance().clear()
+        try:
+            code = main(list(args))
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        finally:
+            GlobalHydra.instance().clear()
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in Path(root).rglob("summary.json"))
