@@ -8,6 +8,9 @@ import sys
 SUBCOMMANDS = {
     # name: (module, function, one-line help)
     "run": ("stabbench.commands", "run", "train as configured; -m for a sweep (Hydra overrides, e.g. method=bsnn depth=200)"),
+    "probe": ("stabbench.commands", "probe", "signal propagation at init, no training (same overrides as run)"),
+    "bench": ("stabbench.commands", "bench", "time the runner against a tutorial-style loop on the same shape; writes bench.json"),
+    "report": ("stabbench.report", "main", "tables and figures from runs and sweeps: stabbench report PATH... [--out DIR]"),
 }
 
 USAGE = "usage: stabbench <subcommand> [args...]   (stabbench <subcommand> --help for its options)"

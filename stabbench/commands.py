@@ -9,3 +9,19 @@ def run(argv: list[str]) -> int:
 
     run_hydra(argv, lambda cfg, out_dir: train.run(cfg, out_dir))
     return 0
+
+
+def probe(argv: list[str]) -> int:
+    from stabbench import probe as signal_probe
+
+    # conf/probe.yaml is conf/config.yaml with the outputs under results/probes/
+    run_hydra(argv, lambda cfg, out_dir: signal_probe.run(cfg, out_dir), config_name="probe")
+    return 0
+
+
+def bench(argv: list[str]) -> int:
+    from stabbench import bench as speed
+
+    # conf/bench.yaml is conf/config.yaml with the outputs under results/bench/
+    run_hydra(argv, lambda cfg, out_dir: speed.run(cfg, out_dir), config_name="bench")
+    return 0

@@ -397,6 +397,12 @@ def run(cfg, out_dir: Path) -> list[dict]:
     write_json(out_dir / "summary.json", summaries[0] if len(summaries) == 1 else
                {"schema_version": stabbench.SCHEMA_VERSION, "seeds": summaries})
     run.checkpoint_path.unlink(missing_ok=True)  # the run is complete: the summary is what counts now
+    try:
+        from stabbench.report import write_run_figures
+
+        write_run_figures(out_dir)  # grad_norm_per_layer.png, loss_curve.png
+    except Exception as error:  # noqa: BLE001 - the run's data is saved; a figure must not turn it into a failure
+        print(f"stabbench: warning: no figures for {out_dir} ({type(error).__name__}: {error})", flush=True)
     print_summary(summaries, out_dir)
     return summaries
 

@@ -1,0 +1,585 @@
+"""`stabbench report PATH... [--out DIR] [--target-loss X]`: tables and figures from any
+runs and sweeps found under the given directories.
+
+A run is a directory holding `summary.json` (finished: complete or diverged) or a `.hydra/`
+folder without one (partial: still running, crashed or killed). Each run gives one row per
+seed. Config values that differ between runs name the groups: the method label is the
+method plus those of its options (and of the training options) that vary, e.g.
+`bsnn (activation=relu)`. The table aggregates finished seeds per (method label, dataset,
+depth, width); partial seeds are counted, and drawn in the loss curves, but not averaged.
+
+Everything is read with pandas in whole frames; only the figures read `layers.csv`, and only
+for the cells they draw, so a sweep of a thousand runs reports in seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stabbench.errors import UserError
+from stabbench.outputs import atomic_write_text, write_csv
+
+SUMMARY_FIELDS = ["schema_version", "method", "dataset", "depth", "width", "seed", "steps", "epochs",
+                  "train_loss", "test_loss", "test_acc", "diverged", "diverged_step", "grad_norm_ratio_init",
+                  "grad_norm_ratio_final", "total_steps", "total_flops", "wall_time_s", "device"]
+GROUP_KEYS = ["method", "dataset", "depth", "width"]
+AGGREGATED = ["train_loss", "test_loss", "test_acc", "grad_norm_ratio_init", "grad_norm_ratio_final"]
+# Config keys that never name a group: run bookkeeping, speed switches, where things live.
+NOT_AN_OPTION = {"seed", "seeds", "depth", "width", "device", "log_every", "checkpoint_every", "skip_done",
+                 "dataset.root", "dataset.download"}
+NOT_AN_OPTION_PREFIXES = ("trainer.", "probe.", "hydra.")
+OTHER_APPS = {"probe.json", "bench.json"}  # outputs of `stabbench probe` / `bench` dirs: no training runs
+MAX_CELLS = 6  # (dataset, depth, width) cells drawn in the per-layer and loss figures: the deepest
+MAX_MEMBERS = 16  # seeds per method and cell read for a band
+
+FIGURES = [  # file, caption (index.html)
+    ("grad_norm_per_layer.png", "Gradient norm per layer at initialisation and at the end of training "
+                                "(line: geometric mean over seeds, band: min to max)"),
+    ("loss_curves.png", "Training (solid) and test (dashed) loss against step (line: mean over seeds, band: min to max)"),
+    ("trainability_map.png", "Final test accuracy (regression: final train loss) over depth and width; "
+                             "cells where seeds diverged are marked"),
+    ("accuracy_vs_depth.png", "Final test accuracy (regression: test loss) against depth (error bars: std over seeds)"),
+    ("beta_per_layer.png", "Self-stabilizer beta per layer over training (mean over seeds)"),
+    ("activation_std_at_init.png", "Forward activation std per layer at initialisation"),
+]
+
+
+# -- finding and reading runs --------------------------------------------------------------
+
+def find_run_dirs(paths: list[Path]) -> list[Path]:
+    """Every run directory under `paths`, in a stable order. A run's own subfolders are not searched."""
+    found = []
+    for top in paths:
+        for here, dirs, files in os.walk(top):
+            started = os.path.isfile(os.path.join(here, ".hydra", "config.yaml")) and not OTHER_APPS & set(files)
+            if "summary.json" in files or started:
+                found.append(Path(here))
+                dirs[:] = []
+                continue
+            dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+    return sorted(dict.fromkeys(found))
+
+
+def _read_summary(run_dir: Path) -> list[dict] | None:
+    try:
+        data = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None  # vanished or unreadable: reported as partial
+    entries = data["seeds"] if isinstance(data, dict) and "seeds" in data else [data]
+    return [e for e in entries if isinstance(e, dict)] or None
+
+
+def _read_hydra_config(run_dir: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    except Exception:  # noqa: BLE001 - a half-made run dir: report it with what it has
+        return {}
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - an interpolation that only resolves inside Hydra
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _read_csv(path: Path, columns=None) -> pd.DataFrame | None:
+    try:
+        return pd.read_csv(path, usecols=(lambda c: c in columns) if columns else None)
+    except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError):
+        return None
+
+
+def _flatten_config(configs: list[dict]) -> pd.DataFrame:
+    flat = pd.json_normalize(configs, sep=".")
+    for column in flat.columns[flat.dtypes == object]:
+        flat[column] = flat[column].map(lambda v: str(v) if isinstance(v, (list, dict)) else v)
+    return flat
+
+
+def _format_value(value) -> str:
+    if isinstance(value, float):
+        return "?" if math.isnan(value) else f"{value:g}"
+    return str(value)
+
+
+def _label(names: pd.Series, options: pd.DataFrame, short: callable) -> pd.Series:
+    """`name (key=value, ...)` with, per name, only the option columns whose values differ among its runs."""
+    label = names.astype(str).copy()
+    for name, rows in options.groupby(names, sort=False):
+        varying = [c for c in rows.columns if rows[c].nunique(dropna=True) > 1]
+        if not varying:
+            continue
+        parts = [short(c) + "=" + rows[c].map(_format_value) for c in varying]
+        label.loc[rows.index] = name + " (" + pd.concat(parts, axis=1).agg(", ".join, axis=1) + ")"
+    return label
+
+
+def _strip(prefix: str):
+    return lambda key: key[len(prefix):] if key.startswith(prefix) else key
+
+
+@dataclass
+class RunSet:
+    """Every run found: `runs` has one row per (run directory, seed); `dirs[run_id]` is its directory."""
+    root: Path
+    dirs: list[Path]
+    runs: pd.DataFrame
+    config: pd.DataFrame  # flattened config per row of `runs`
+    varying: list[str] = field(default_factory=list)  # config keys that differ between runs
+    _metrics: dict = field(default_factory=dict, repr=False)
+
+    # Per-run files are read on demand and kept: the table needs none of them.
+    def metrics(self, run_ids) -> pd.DataFrame:
+        """metrics.csv rows of the given runs, with `run_id` and `gstep` (step counted across stages)."""
+        wanted = [r for r in dict.fromkeys(run_ids) if r not in self._metrics]
+        for run_id in wanted:
+            frame = _read_csv(self.dirs[run_id] / "metrics.csv")
+            self._metrics[run_id] = None if frame is None or frame.empty else frame.assign(run_id=run_id)
+        frames = [self._metrics[r] for r in dict.fromkeys(run_ids) if self._metrics.get(r) is not None]
+        if not frames:
+            return pd.DataFrame(columns=["run_id", "step", "stage", "seed", "split", "loss", "acc", "gstep"])
+        return with_global_step(pd.concat(frames, ignore_index=True))
+
+    def layers(self, run_ids, columns=("grad_norm", "act_std", "beta")) -> pd.DataFrame:
+        """layers.csv rows of the last stage of the given runs, with `run_id`."""
+        wanted = {"step", "stage", "seed", "layer", *columns}
+        frames = []
+        for run_id in dict.fromkeys(run_ids):
+            frame = _read_csv(self.dirs[run_id] / "layers.csv", wanted)
+            if frame is not None and not frame.empty:
+                frames.append(frame.assign(run_id=run_id))
+        if not frames:
+            return pd.DataFrame(columns=["run_id", *sorted(wanted)])
+        layers = pd.concat(frames, ignore_index=True)
+        if "stage" in layers:
+            layers = layers[layers["stage"] == layers.groupby("run_id")["stage"].transform("max")]
+        return layers.reindex(columns=["run_id", *sorted(wanted)])
+
+
+def with_global_step(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Steps restart at 0 in each stage of a staged method; `gstep` counts on across stages."""
+    metrics = metrics.copy()
+    if "stage" not in metrics:
+        metrics["stage"] = 0
+    metrics["stage"] = metrics["stage"].fillna(0)
+    stage_length = metrics.groupby(["run_id", "stage"])["step"].max().rename("length")
+    offset = (stage_length.groupby(level="run_id").cumsum() - stage_length).rename("offset")
+    metrics = metrics.join(offset, on=["run_id", "stage"])
+    metrics["gstep"] = metrics["step"] + metrics["offset"]
+    return metrics.drop(columns="offset")
+
+
+def load_runs(paths: list[Path | str]) -> RunSet:
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"{path} does not exist; give a run or sweep directory")
+    paths = [p.parent if p.is_file() else p for p in paths]
+    dirs = find_run_dirs(paths)
+    if not dirs:
+        raise UserError(f"no runs found under {', '.join(map(str, paths))} "
+                        "(a run is a directory with summary.json or .hydra/)")
+    return read_runs(dirs, Path(os.path.commonpath([p.resolve() for p in paths])))
+
+
+def read_runs(dirs: list[Path], root: Path) -> RunSet:
+    """The runs in `dirs` (each a run directory), named relative to `root`."""
+    records, configs = [], []
+    for run_id, run_dir in enumerate(dirs):
+        entries = _read_summary(run_dir) if (run_dir / "summary.json").exists() else None
+        if entries is None:
+            config = _read_hydra_config(run_dir)
+            first = int(config.get("seed", 0) or 0)
+            for seed in range(first, first + int(config.get("seeds", 1) or 1)):
+                records.append({"run_id": run_id, "status": "partial", "seed": seed})
+                configs.append(config)
+            continue
+        for entry in entries:
+            record = {k: v for k, v in entry.items() if k not in ("config", "stages")}
+            record.update(run_id=run_id, status="diverged" if entry.get("diverged") else "complete")
+            records.append(record)
+            configs.append(entry.get("config") or {})
+
+    runs = pd.DataFrame.from_records(records)
+    runs = runs.reindex(columns=list(dict.fromkeys(["run_id", "status", *SUMMARY_FIELDS, *runs.columns])))
+    config = _flatten_config(configs)
+    for key in ("method.name", "dataset.name", "depth", "width"):
+        if key not in config:
+            config[key] = np.nan
+    # Partial runs and older summaries: what the summary lacks, the config knows.
+    runs["method"] = runs["method"].astype(object).fillna(config["method.name"]).fillna("?")
+    runs["dataset"] = runs["dataset"].astype(object).fillna(config["dataset.name"]).fillna("?")
+    runs["depth"] = runs["depth"].fillna(config["depth"])
+    runs["width"] = runs["width"].fillna(config["width"])
+    for column in ("depth", "width", "seed"):  # ints, even where a partial run's NaN made them floats
+        numbers = pd.to_numeric(runs[column], errors="coerce")
+        if (numbers.dropna() % 1 == 0).all():
+            runs[column] = numbers.astype("Int64")
+    runs["diverged"] = runs["diverged"].astype("boolean").fillna(False).astype(bool)
+
+    run_set = RunSet(root=root, dirs=dirs, runs=runs, config=config)
+    _fill_partial(run_set)
+    _add_labels(run_set)
+    runs["run"] = [os.path.relpath(dirs[i].resolve(), root) for i in runs["run_id"]]
+    return run_set
+
+
+def _fill_partial(run_set: RunSet) -> None:
+    """A partial run's figures so far: its last logged train and test rows per seed."""
+    runs = run_set.runs
+    partial = runs["status"] == "partial"
+    if not partial.any():
+        return
+    metrics = run_set.metrics(runs.loc[partial, "run_id"])
+    if metrics.empty:
+        return
+    metrics = metrics.sort_values(["run_id", "seed", "gstep"])
+    key = ["run_id", "seed"]
+    last_train = metrics[metrics["split"] == "train"].groupby(key).last()
+    last_test = metrics[metrics["split"] == "test"].groupby(key).last()
+    seen = metrics.groupby(key).agg(steps=("step", "max"), epochs=("epoch", "max"), total_steps=("gstep", "max"))
+    finite = metrics[metrics["split"] == "train"].assign(bad=lambda m: ~np.isfinite(m["loss"].astype(float)))
+    bad_step = finite[finite["bad"]].groupby(key)["step"].min()
+    index = pd.MultiIndex.from_frame(runs.loc[partial, key])
+    runs.loc[partial, "train_loss"] = last_train["loss"].reindex(index).to_numpy()
+    runs.loc[partial, "test_loss"] = last_test["loss"].reindex(index).to_numpy()
+    if "acc" in last_test:
+        runs.loc[partial, "test_acc"] = last_test["acc"].reindex(index).to_numpy()
+    for column in ("steps", "epochs", "total_steps"):
+        runs.loc[partial, column] = seen[column].reindex(index).to_numpy()
+    diverged_step = bad_step.reindex(index).to_numpy()
+    runs.loc[partial, "diverged_step"] = diverged_step
+    runs.loc[partial, "diverged"] = ~np.isnan(diverged_step.astype(float))
+
+
+def _add_labels(run_set: RunSet) -> None:
+    runs, config = run_set.runs, run_set.config
+    options = [c for c in config.columns
+               if c not in NOT_AN_OPTION and not c.startswith(NOT_AN_OPTION_PREFIXES)
+               and c not in ("method.name", "dataset.name")]
+    run_set.varying = [c for c in config.columns if config[c].nunique(dropna=True) > 1]
+    method_options = [c for c in options if c.startswith("method.")]
+    training_options = [c for c in options if not c.startswith(("method.", "dataset."))]
+    dataset_options = [c for c in options if c.startswith("dataset.")]
+    # Training options (lr, optimizer...) that vary anywhere split every method's runs.
+    varying_training = [c for c in training_options if config[c].nunique(dropna=True) > 1]
+
+    def short(key: str) -> str:
+        return key[len("method."):] if key.startswith("method.") else key
+
+    runs["method"] = _label(runs["method"], config[method_options + varying_training], short)
+    runs["dataset"] = _label(runs["dataset"], config[dataset_options], _strip("dataset."))
+
+
+def steps_to_target(run_set: RunSet, target: float) -> pd.Series:
+    """First step (counted across stages) at which a seed's logged train loss is <= target; NaN if never."""
+    runs = run_set.runs
+    metrics = run_set.metrics(runs["run_id"])
+    reached = metrics[(metrics["split"] == "train") & (metrics["loss"] <= target)]
+    first = reached.groupby(["run_id", "seed"])["gstep"].min()
+    return pd.Series(first.reindex(pd.MultiIndex.from_frame(runs[["run_id", "seed"]])).to_numpy(), index=runs.index)
+
+
+# -- tables -----------------------------------------------------------------------------------
+
+def runs_table(run_set: RunSet, target_loss: float | None = None) -> pd.DataFrame:
+    runs = run_set.runs.copy()
+    if target_loss is not None:
+        runs["steps_to_target"] = steps_to_target(run_set, target_loss)
+    extra = [c for c in run_set.varying if c not in runs.columns]
+    for column in dict.fromkeys(["method.name", "dataset.name", *extra]):
+        runs[column] = run_set.config[column].to_numpy()
+    first = ["run", "status", "method", "dataset", "depth", "width", "seed"]
+    return runs[first + [c for c in runs.columns if c not in first and c != "run_id"]]
+
+
+def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method label, dataset, depth, width): seeds of finished runs averaged
+    (std with ddof=1, NaN for a single seed); diverged seeds counted and, having no final
+    loss, left out of the means; partial seeds counted only."""
+    runs = runs.copy()
+    values = [c for c in AGGREGATED + ["steps_to_target"] if c in runs]
+    runs[values] = runs[values].apply(pd.to_numeric, errors="coerce")  # all-null columns read as objects
+    runs["finished"] = runs["status"] != "partial"
+    finished = runs[runs["finished"]]
+    groups = runs.groupby(GROUP_KEYS, dropna=False, sort=True)
+    table = groups.agg(n=("finished", "sum"), diverged=("diverged", "sum"),
+                       partial=("finished", lambda s: int((~s).sum())))
+    values = [c for c in AGGREGATED if c in runs]
+    stats = finished.groupby(GROUP_KEYS, dropna=False)[values].agg(["mean", "std"])
+    stats.columns = [f"{c}_{s}" for c, s in stats.columns]
+    table = table.join(stats)
+    if "steps_to_target" in runs:
+        target = finished.groupby(GROUP_KEYS, dropna=False)["steps_to_target"].agg(
+            steps_to_target_mean="mean", steps_to_target_std="std", reached_target="count")
+        table = table.join(target)
+    table = table.reset_index()
+    table[["n", "diverged", "partial"]] = table[["n", "diverged", "partial"]].astype(int)
+    return table
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or pd.isna(value) or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return f"{value:.{digits}g}"
+
+
+def readable_table(table: pd.DataFrame) -> pd.DataFrame:
+    """table.csv for people: `mean ± std` strings, one column per figure."""
+    out = table[GROUP_KEYS].copy()
+    out["depth"] = out["depth"].map(_fmt)
+    out["width"] = out["width"].map(_fmt)
+    out["n"] = table["n"].astype(str)
+    out["diverged"] = table["diverged"].astype(str)
+    if table["partial"].any():
+        out["partial"] = table["partial"].astype(str)
+    names = {"train_loss": "train loss", "test_loss": "test loss", "test_acc": "test acc",
+             "grad_norm_ratio_init": "grad ratio init", "grad_norm_ratio_final": "grad ratio final",
+             "steps_to_target": "steps to target"}
+    for key, name in names.items():
+        if f"{key}_mean" not in table:
+            continue
+        mean, std = table[f"{key}_mean"].map(_fmt), table[f"{key}_std"].map(lambda v: _fmt(v, 2))
+        out[name] = np.where(std == "-", mean, mean + " ± " + std)
+    if "reached_target" in table:
+        out["steps to target"] += " (" + table["reached_target"].astype(str) + "/" + table["n"].astype(str) + ")"
+    return out
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    escape = lambda v: str(v).replace("|", "\\|")
+    lines = ["| " + " | ".join(map(escape, frame.columns)) + " |",
+             "|" + "|".join("---" if c in ("method", "dataset") else "---:" for c in frame.columns) + "|"]
+    lines += ["| " + " | ".join(map(escape, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(table: pd.DataFrame, title: str) -> None:
+    """The table in the terminal: compact (3 significant digits, std under the mean)."""
+    from rich.table import Table
+
+    from stabbench.progress import console
+
+    figures = {"train_loss": "train loss", "test_loss": "test loss", "test_acc": "test acc",
+               "grad_norm_ratio_init": "grad ratio\ninit", "grad_norm_ratio_final": "grad ratio\nend",
+               "steps_to_target": "steps to\ntarget"}
+    figures = {k: v for k, v in figures.items() if f"{k}_mean" in table and table[f"{k}_mean"].notna().any()}
+    rich_table = Table(title=title, title_justify="left")
+    keys = ["method"] + (["dataset"] if table["dataset"].nunique() > 1 else []) + ["depth", "width"]
+    counts = ["n", "diverged"] + (["partial"] if table["partial"].any() else [])
+    for column in keys + counts + list(figures.values()):
+        text = column in ("method", "dataset")
+        rich_table.add_column(column, justify="left" if text else "right", overflow="fold",
+                              min_width=min(40, int(table[column].astype(str).str.len().max())) if text else None)
+    for _, row in table.iterrows():
+        cells = [str(row[k]) if k in ("method", "dataset") else _fmt(row[k]) for k in keys]
+        cells += [str(int(row[k])) for k in counts]
+        for key in figures:
+            mean, std = _fmt(row[f"{key}_mean"], 3), _fmt(row[f"{key}_std"], 2)
+            cells.append(mean if std == "-" else f"{mean}\n[dim]±{std}[/dim]")
+        rich_table.add_row(*cells)
+    if not console.is_terminal:  # a log or a pipe has no width of its own: don't squeeze into 80 columns
+        from rich.console import Console
+
+        Console(width=160, file=sys.stdout).print(rich_table)
+    else:
+        console.print(rich_table)
+
+
+# -- figures --------------------------------------------------------------------------------
+
+def _cells(runs: pd.DataFrame, limit: int = MAX_CELLS) -> pd.DataFrame:
+    """The (dataset, depth, width) cells the per-cell figures draw: the deepest, then the widest."""
+    cells = runs[["dataset", "depth", "width"]].drop_duplicates()
+    cells = cells.sort_values(["depth", "width", "dataset"], ascending=[False, False, True]).head(limit)
+    cells = cells.sort_values(["dataset", "depth", "width"]).reset_index(drop=True)
+    several_datasets = runs["dataset"].nunique() > 1
+    cells["cell"] = [(f"{d} · " if several_datasets else "") + f"depth {_fmt(h)} · width {_fmt(w)}"
+                     for d, h, w in cells.itertuples(index=False)]
+    return cells
+
+
+def _members(runs: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    """Rows of `runs` in the drawn cells, at most MAX_MEMBERS seeds per method and cell."""
+    members = runs.merge(cells, on=["dataset", "depth", "width"])
+    return members.groupby(["method", "cell"], sort=False).head(MAX_MEMBERS)
+
+
+def layer_snapshots(layers: pd.DataFrame) -> pd.DataFrame:
+    """Per seed: the rows at its first logged step (`when`=init) and at its last step whose
+    gradients are all finite (`when`=end; a diverged seed's last healthy step)."""
+    key = ["run_id", "seed"]
+    layers = layers.dropna(subset=["step", "layer"])
+    healthy = np.isfinite(layers["grad_norm"].astype(float))
+    healthy_step = healthy.groupby([layers[k] for k in key] + [layers["step"]]).transform("all")
+    first = layers.groupby(key)["step"].transform("min")
+    last = layers["step"].where(healthy_step).groupby([layers[k] for k in key]).transform("max")
+    init = layers[layers["step"] == first].assign(when="init", cut=False)
+    # cut: this seed's log goes on past its last healthy step (it diverged there)
+    cut = last < layers.groupby(key)["step"].transform("max")
+    end = layers[layers["step"] == last].assign(when="end", cut=cut[layers["step"] == last])
+    return pd.concat([init, end], ignore_index=True)
+
+
+def method_colors(labels) -> dict:
+    from stabbench.plots import palette
+
+    return palette(sorted(dict.fromkeys(labels)))
+
+
+def write_figures(run_set: RunSet, out_dir: Path) -> list[str]:
+    from stabbench import plots
+
+    runs = run_set.runs
+    colors = method_colors(runs["method"])
+    cells = _cells(runs)
+    members = _members(runs, cells)
+    order = [c for c in cells["cell"]]
+    written = []
+
+    def keep(name, made):
+        if made:
+            written.append(name)
+
+    layers = run_set.layers(members["run_id"])
+    layers = layers.merge(members[["run_id", "seed", "method", "cell"]], on=["run_id", "seed"])
+    snapshots = layer_snapshots(layers) if not layers.empty else layers.assign(when=[])
+    keep("grad_norm_per_layer.png", plots.grad_norm_per_layer(snapshots, colors, order,
+                                                              out_dir / "grad_norm_per_layer.png"))
+    metrics = run_set.metrics(members["run_id"])
+    metrics = metrics.merge(members[["run_id", "seed", "method", "cell"]], on=["run_id", "seed"])
+    keep("loss_curves.png", plots.loss_curves(metrics, colors, order, out_dir / "loss_curves.png"))
+
+    finished = runs[runs["status"] != "partial"]
+    keep("trainability_map.png", plots.trainability_map(finished, out_dir / "trainability_map.png"))
+    keep("accuracy_vs_depth.png", plots.accuracy_vs_depth(finished, colors, out_dir / "accuracy_vs_depth.png"))
+    keep("beta_per_layer.png", plots.beta_per_layer(layers, colors, order, out_dir / "beta_per_layer.png"))
+    init = snapshots[snapshots["when"] == "init"] if "when" in snapshots else snapshots
+    keep("activation_std_at_init.png", plots.activation_std_at_init(init, colors, order,
+                                                                    out_dir / "activation_std_at_init.png"))
+    return written
+
+
+def write_run_figures(out_dir: Path | str) -> list[Path]:
+    """A single run's own figures, into its directory: gradient norm per layer (at init and
+    at the end) and the loss curve. Returns the files written; a run without the data gets none.
+    Works on a finished run and on one still going (reads only its CSVs and config)."""
+    from stabbench import plots
+
+    out_dir = Path(out_dir)
+    run_set = read_runs([out_dir], out_dir)
+    first = run_set.runs.iloc[0]
+    method = str(first["method"])
+    title = f"{method} on {first['dataset']}, depth {_fmt(first['depth'])}, width {_fmt(first['width'])}"
+    colors = method_colors([method])
+    written = []
+    layers = run_set.layers([0], columns=("grad_norm",)).assign(method=method, cell=title)
+    if not layers.empty and plots.grad_norm_per_layer(layer_snapshots(layers), colors, [title],
+                                                      out_dir / "grad_norm_per_layer.png", legend=False):
+        written.append(out_dir / "grad_norm_per_layer.png")
+    metrics = run_set.metrics([0]).assign(method=method, cell=title)
+    if plots.loss_curves(metrics, colors, [title], out_dir / "loss_curve.png", legend=False):
+        written.append(out_dir / "loss_curve.png")
+    return written
+
+
+# -- index.html -------------------------------------------------------------------------------
+
+def write_index(out_dir: Path, readable: pd.DataFrame, runs: pd.DataFrame, figures: list[str], title: str) -> None:
+    import html
+
+    counts = runs["status"].value_counts()
+    status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("complete", "diverged", "partial") if counts.get(s, 0))
+    files = [name for name in ("table.csv", "table.md", "runs.csv") if (out_dir / name).exists()]
+    captions = dict(FIGURES)
+    parts = [
+        "<!doctype html>", "<html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
+        "table{border-collapse:collapse;font-size:0.9em}th,td{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:right}td:nth-child(-n+2),th:nth-child(-n+2){text-align:left}th{background:#f3f3f3}"
+        "figure{margin:2em 0}img{max-width:100%;border:1px solid #eee}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{len(runs)} seeds in {runs['run'].nunique()} runs: {html.escape(status)}. Files: "
+        + ", ".join(f"<a href='{html.escape(f)}'>{html.escape(f)}</a>" for f in files) + "</p>",
+        "<h2>Results</h2>",
+        readable.to_html(index=False, border=0, na_rep="-", escape=True),
+        "<p>mean ± std over finished seeds; diverged seeds are counted and left out of the means.</p>",
+    ]
+    shown = [f for f in figures if (out_dir / f).exists()]
+    if shown:
+        parts.append("<h2>Figures</h2>")
+    for name in shown:
+        parts.append(f"<figure><img src='{html.escape(name)}' alt='{html.escape(name)}'>"
+                     f"<figcaption>{html.escape(captions.get(name, name))}</figcaption></figure>")
+    parts.append("</body></html>")
+    atomic_write_text(out_dir / "index.html", "\n".join(parts) + "\n")
+
+
+# -- the command ------------------------------------------------------------------------------
+
+def write_report(paths: list[Path | str], out_dir: Path | str | None = None, target_loss: float | None = None,
+                 quiet: bool = False) -> Path:
+    """Read every run under `paths`; write runs.csv, table.csv, table.md, figures and index.html into out_dir."""
+    paths = [Path(p) for p in paths]
+    if out_dir is None:
+        if len(paths) > 1:
+            raise UserError("several paths given: say where the report goes with --out DIR")
+        out_dir = (paths[0].parent if paths[0].is_file() else paths[0]) / "report"
+    out_dir = Path(out_dir)
+    run_set = load_runs(paths)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = runs_table(run_set, target_loss)
+    table = aggregate(runs)
+    readable = readable_table(table)
+    write_csv(out_dir / "runs.csv", runs)
+    write_csv(out_dir / "table.csv", table)
+    title = f"stabbench report: {', '.join(str(p) for p in paths)}"
+    atomic_write_text(out_dir / "table.md", markdown(readable))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bands of diverged seeds
+        figures = write_figures(run_set, out_dir)
+    write_index(out_dir, readable, runs, figures, title)
+    if not quiet:
+        print_table(table, f"{len(runs)} seeds in {len(run_set.dirs)} runs (mean, ± std over seeds)")
+        print(f"wrote {out_dir}", flush=True)
+    return out_dir
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stabbench report",
+        description="Tables and figures from the runs and sweeps under PATH (searched recursively).")
+    parser.add_argument("paths", nargs="+", metavar="PATH", type=Path, help="run or sweep directories")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="where to write (default PATH/report; required with several PATHs)")
+    parser.add_argument("--target-loss", type=_finite_float, default=None, metavar="X",
+                        help="also report the steps each run took to reach train loss <= X")
+    args = parser.parse_args(argv)
+    try:
+        write_report(args.paths, args.out, args.target_loss)
+    except UserError as error:
+        print(f"stabbench: error: {error}", file=sys.stderr)
+        return 2
+    return 0
