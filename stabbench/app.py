@@ -43,8 +43,11 @@ def _one_line(error: BaseException) -> str:
             text = lines[0] if lines else type(error).__name__
             parts.append(f"{key}: {text}" if key and key not in text else text)
         elif lines:
-            available = [l for l in lines[1:] if not l.startswith(("Available", "Set the", "To append"))]
-            parts.append(lines[0] + (f" (available: {', '.join(available)})" if "Could not find" in lines[0] else ""))
+            # Hydra lists the options between "Available options in ..." and "Config search path:"
+            options = lines[1:]
+            options = options[:next((i for i, l in enumerate(options) if l.startswith("Config search path")), None)]
+            options = [l for l in options if not l.startswith(("Available", "Set the", "To append"))]
+            parts.append(lines[0] + (f" (available: {', '.join(options)})" if "Could not find" in lines[0] else ""))
         error = error.__cause__
     return "; ".join(dict.fromkeys(parts)) or "invalid configuration"
 
@@ -158,6 +161,16 @@ def previous_output_dir(argv: list[str], config_name: str) -> list[str]:
     return []
 
 
+def spread_over_gpus(hydra_config) -> None:
+    """Sweep jobs running side by side on one machine with several GPUs (joblib,
+    submitit_local) take GPU job.num mod count; under SLURM each job sees only its own."""
+    import torch
+    from hydra.types import RunMode
+
+    if hydra_config.mode == RunMode.MULTIRUN and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        torch.cuda.set_device(int(hydra_config.job.num) % torch.cuda.device_count())
+
+
 def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
               validate: Callable | None = None) -> None:
     """Run `task(cfg, out_dir)` as a Hydra app over `argv` (one run or a -m sweep)."""
@@ -174,6 +187,7 @@ def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
     check_overrides(argv, config_name, validate)
 
     def job(cfg) -> None:
+        spread_over_gpus(HydraConfig.get())
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         existed = {p.name for p in out_dir.iterdir()} - {".hydra", "stabbench.log"}
         try:
@@ -186,4 +200,9 @@ def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
 
     main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name)(job)
     sys.argv = ["stabbench", *argv]
-    main()
+    from hydra.errors import HydraException
+
+    try:
+        main()
+    except (HydraException, ValueError) as error:  # raised by Hydra itself, outside any job (e.g. clashing flags)
+        fail(_one_line(error))
