@@ -15,6 +15,7 @@ from functools import partial
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.utils._pytree import tree_map
 
 
 class Ensemble:
@@ -29,6 +30,13 @@ class Ensemble:
 
     def __call__(self, x: torch.Tensor, shared_input: bool = False, **kwargs):
         """x is [E, batch, features], or [batch, features] fed to every member if shared_input."""
+        if self.size == 1:
+            # One network: call it directly on its slices. vmap costs 1.4-2x at depth 200 on the CPU
+            # even for E = 1, and gradients flow through the [0] views to the stacked tensors alike.
+            params = {name: tensor[0] for name, tensor in self.params.items()}
+            buffers = {name: tensor[0] for name, tensor in self.buffers.items()}
+            out = self._call_one(params, buffers, x if shared_input else x[0], **kwargs)
+            return tree_map(lambda t: t.unsqueeze(0), out)
         batched = vmap(partial(self._call_one, **kwargs), in_dims=(0, 0, None if shared_input else 0),
                        randomness="different")
         return batched(self.params, self.buffers, x)

@@ -182,8 +182,10 @@ def make_train_step(method, stage: Stage, ensemble: Ensemble, guide: Ensemble | 
         if acc is not None:
             step["acc"] = acc
         if record:
+            # One fused norm over every (layer, seed) slice; views, no copies.
             grads = [ensemble.params[name].grad for name in weight_names]
-            step["layers"] = {"grad_norm": torch.stack([g.flatten(1).norm(dim=1) for g in grads], 1),
+            norms = torch._foreach_norm([g[k] for g in grads for k in range(ensemble.size)])
+            step["layers"] = {"grad_norm": torch.stack(norms).view(len(grads), ensemble.size).T,
                               **{k: v.detach() for k, v in out.items() if k not in ("logits", "hidden")}}
         optimizer.step()
         return step
