@@ -1,0 +1,127 @@
+"""self_stabilizer: x_l = phi(beta_l * (W_l x_{l-1}) + b_l), one learnable scalar beta_l per
+layer (Ghahremani & Droppo, "Self-stabilized deep neural network", ICASSP 2016;
+../shared/methods.md, section 2).
+
+Options: method.parametrization = exp (beta = exp(B), B = 0 at init; the paper's) |
+softplus (beta = softplus(s p) / s, CNTK's Stabilizer, s = method.steepness, default 4);
+method.output_layer (default true: the output layer gets its own beta too). The
+network underneath is the baseline's (method.activation, method.init, method.gain) and
+is drawn in the same order, so with beta = 1 at init the same seed gives the same
+outputs. Every layer reports its beta, which lands in layers.csv column `beta`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from stabbench.errors import UserError
+from stabbench.methods.base import Method, MethodConfig, Shape, check_choice, check_range, linear
+from stabbench.methods.baseline import INITS, init_weight
+from stabbench.model import MLP, Activation
+
+PARAMETRIZATIONS = ("exp", "softplus")
+
+
+@dataclass
+class Config(MethodConfig):
+    name: str = "self_stabilizer"
+    parametrization: str = "exp"  # exp | softplus
+    steepness: float = 4.0  # softplus only
+    output_layer: bool = True  # a beta for the output layer too
+
+
+def softplus_param_for_unit_beta(steepness: float) -> float:
+    """p with softplus(s p) / s == 1 exactly in float32: ln(e^s - 1) / s (0.99537863 for s = 4),
+    nudged by an ulp or two when rounding would otherwise leave beta a hair off 1, so that the
+    stabilized network starts bit-identical to the plain one."""
+    exact = math.log(math.expm1(steepness)) / steepness
+    start = torch.tensor(exact, dtype=torch.float32)
+    candidates = [start]
+    up, down = start, start
+    for _ in range(4):
+        up, down = torch.nextafter(up, torch.tensor(math.inf)), torch.nextafter(down, torch.tensor(-math.inf))
+        candidates += [up, down]
+    for p in candidates:
+        if F.softplus(p, beta=steepness).item() == 1.0:
+            return p.item()
+    return exact
+
+
+class StabilizedLinear(nn.Module):
+    """h = beta * (W x) + b, computed as (beta W) x + b: the same product, and with beta = 1
+    the very same kernel call as nn.Linear. `.weight` is the effective matrix beta * W."""
+
+    def __init__(self, in_features: int, out_features: int, parametrization: str, steepness: float):
+        super().__init__()
+        plain = nn.Linear(in_features, out_features)  # draws W and b exactly as the baseline's layer does
+        self.unscaled_weight = plain.weight
+        self.bias = plain.bias
+        self.parametrization, self.steepness = parametrization, steepness
+        # B_l (exp) or p_l (softplus); either gives beta_l = 1 at init.
+        start = 0.0 if parametrization == "exp" else softplus_param_for_unit_beta(steepness)
+        self.beta_param = nn.Parameter(torch.tensor(start))
+
+    @property
+    def beta(self) -> torch.Tensor:
+        if self.parametrization == "exp":
+            return self.beta_param.exp()
+        return F.softplus(self.beta_param, beta=self.steepness)  # log(1 + exp(s p)) / s
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.beta * self.unscaled_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        return {"beta": self.beta}
+
+    def extra_repr(self) -> str:
+        out_features, in_features = self.unscaled_weight.shape
+        return f"{in_features}, {out_features}, beta={self.parametrization}" + (
+            f"(steepness={self.steepness:g})" if self.parametrization == "softplus" else "")
+
+
+class SelfStabilizer(Method):
+    Config = Config
+
+    def validate(self) -> None:
+        super().validate()
+        cfg = self.cfg
+        check_choice("method.init", cfg.init, INITS)
+        check_choice("method.parametrization", cfg.parametrization, PARAMETRIZATIONS)
+        check_range("method.steepness", cfg.steepness, low=0, low_open=True)
+        if cfg.alpha_dropout != 0:
+            raise UserError(f"method.alpha_dropout={cfg.alpha_dropout} is for method=snn only; allowed here: 0")
+
+    def build(self, shape: Shape) -> MLP:
+        cfg = self.cfg
+        sizes = [shape.in_features] + [shape.width] * shape.depth + [shape.out_features]
+        pairs = list(zip(sizes[:-1], sizes[1:]))
+        layers = [StabilizedLinear(n_in, n_out, cfg.parametrization, cfg.steepness) for n_in, n_out in pairs[:-1]]
+        layers.append(StabilizedLinear(*pairs[-1], cfg.parametrization, cfg.steepness) if cfg.output_layer
+                      else linear(*pairs[-1]))
+        # Same order of draws as baseline.build: every layer's nn.Linear draw, then each init.
+        for layer in layers:
+            weight = layer.unscaled_weight if isinstance(layer, StabilizedLinear) else layer.weight
+            init_weight(weight, cfg.init, cfg.activation, cfg.negative_slope, cfg.gain)
+            if cfg.init != "torch":
+                nn.init.zeros_(layer.bias)
+        return MLP(layers, Activation(cfg.activation, cfg.negative_slope))
+
+    @torch.no_grad()
+    def constants(self, model: MLP) -> dict:
+        return {
+            "init": self.cfg.init,
+            "parametrization": self.cfg.parametrization,
+            "beta": [layer.beta.item() for layer in model.layers if isinstance(layer, StabilizedLinear)],
+            "weight_std": [layer.weight.std().item() for layer in model.layers[:2]],
+        }
+
+
+METHOD = SelfStabilizer

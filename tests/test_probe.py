@@ -1,0 +1,158 @@
+"""`stabbench probe`: its files, its figures against direct computation, and the claims it
+exists to show (Lyapunov init vs He; BSNN's GPN vs plain SELU)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from stabbench import methods, probe
+from stabbench.config import register_schemas
+from stabbench.methods.base import Shape
+from stabbench.methods.lyapunov import he_variance, lyapunov_exponent
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["network", "seed", "layer", "kind", "act_mean", "act_std", "act_log_norm", "grad_norm"]
+
+
+def config(*overrides, hydra=False):
+    register_schemas()
+    with initialize_config_module(config_module="stabbench.conf", version_base="1.3"):
+        return compose(config_name="probe", overrides=["device=cpu", *overrides], return_hydra_config=hydra)
+
+
+def probe_run(tmp_path, *overrides) -> dict:
+    out = tmp_path / "_".join(o.replace("/", "") for o in overrides)[:120]
+    out.mkdir(parents=True)
+    return probe.run(config(*overrides), out)
+
+
+def test_probe_command_writes_its_files(tmp_path):
+    out = tmp_path / "probe"
+    done = subprocess.run([sys.executable, "-m", "stabbench.cli", "probe", "depth=5", "width=8", "probe.networks=3",
+                           "probe.batch_size=32", "seed=4", "device=cpu", f"hydra.run.dir={out}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "growth of log ||x_l||" in done.stdout and str(out) in done.stdout
+
+    layers = pd.read_csv(out / "probe_layers.csv")
+    assert list(layers.columns[:len(COLUMNS)]) == COLUMNS
+    assert len(layers) == 3 * 6  # draws x (depth + 1) weight layers
+    assert sorted(layers.seed.unique()) == [4, 5, 6] and sorted(layers.network.unique()) == [0, 1, 2]
+    assert list(layers[layers.network == 0].kind) == ["input"] + ["hidden"] * 4 + ["output"]
+    assert np.isfinite(layers[["act_std", "act_log_norm", "grad_norm"]].to_numpy()).all()
+    assert (layers.grad_norm > 0).all()
+
+    summary = json.loads((out / "probe.json").read_text())
+    assert summary["seeds"] == [4, 5, 6] and summary["networks"] == 3 and summary["inputs"] == "standard_normal"
+    assert {"mean", "se", "per_network"} <= set(summary["lyapunov_exponent"])
+    assert {"mean", "std", "min", "max", "per_network"} <= set(summary["grad_norm_ratio"])
+    assert summary["constants"]["init"] == "xavier"  # the baseline's constants()
+    jac = summary["jacobian_singular_values"]
+    # d logits / d input is 10 x 64 through a width-8 layer: rank 8, the rest are rounding noise
+    assert jac["values_per_example"] == 8 and 0 < jac["min"] <= jac["mean"] <= jac["max"]
+
+    from PIL import Image
+
+    png = out / "probe.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as image:
+        image.verify()
+    with Image.open(png) as image:
+        assert image.size[0] > 600 and image.size[1] > 300
+
+
+def test_probe_outputs_go_under_results_probes_unless_overridden():
+    cfg = config("method=lyapunov", "depth=7", hydra=True)
+    assert cfg.hydra.run.dir.startswith("results/probes/") and cfg.hydra.run.dir.endswith("_lyapunov_synthetic_d7_w128_s0")
+    assert cfg.hydra.sweep.dir.startswith("results/probes/sweeps/")
+    assert config("hydra.run.dir=/tmp/mine", hydra=True).hydra.run.dir == "/tmp/mine"
+
+
+def test_probe_figures_match_a_direct_computation(tmp_path):
+    overrides = ("method=baseline", "method.activation=linear", "depth=3", "width=12", "probe.networks=2",
+                 "probe.batch_size=16", "seed=2")
+    summary = probe_run(tmp_path, *overrides)
+    layers = pd.read_csv(next(tmp_path.glob("*/probe_layers.csv")))
+    cfg = config(*overrides)
+    x, targets, task, n_outputs, _ = probe.probe_batch(cfg, torch.device("cpu"))
+    method = methods.create(cfg.method)
+    for network, seed in enumerate((2, 3)):
+        torch.manual_seed(seed)
+        model = method.build(Shape(x.shape[1], n_outputs, 3, 12))
+        out = model(x, keep_hidden=True)
+        rows = layers[layers.network == network]
+        for l, h in enumerate(out["hidden"]):
+            h = h.detach()
+            assert rows.act_log_norm.iloc[l] == pytest.approx(float(h.norm(dim=1).log().mean()), rel=1e-5)
+            assert rows.act_std.iloc[l] == pytest.approx(float(h.std()), rel=1e-5)
+        torch.nn.functional.cross_entropy(out["logits"], targets).backward()
+        grad_norms = [float(layer.weight.grad.norm()) for layer in model.layers]
+        assert rows.grad_norm.to_numpy() == pytest.approx(grad_norms, rel=1e-4)
+        # a linear net's input-output Jacobian is the product of its weight matrices (width 12 > 10
+        # outputs: all 10 singular values are far from 0)
+        product = model.layers[3].weight @ model.layers[2].weight @ model.layers[1].weight @ model.layers[0].weight
+        expected = torch.linalg.svdvals(product.detach().double())
+        if network == 0:
+            first = expected
+    jac = summary["jacobian_singular_values"]
+    both = torch.cat([first, expected])
+    assert jac["max"] == pytest.approx(float(both.max()), rel=1e-4)
+    assert jac["min"] == pytest.approx(float(both.min()), rel=1e-4)
+    assert jac["mean"] == pytest.approx(float(both.mean()), rel=1e-4)
+
+
+def test_no_jacobian_above_width_64(tmp_path):
+    summary = probe_run(tmp_path, "depth=2", "width=65", "probe.networks=1", "probe.batch_size=8")
+    assert summary["jacobian_singular_values"] is None
+    assert summary["lyapunov_exponent"]["mean"] is not None  # depth 2 still has a slope
+
+
+def test_lyapunov_init_keeps_growth_at_zero_where_he_shrinks(tmp_path):
+    common = ("depth=400", "width=16", "probe.networks=8", "probe.batch_size=64")
+    lyapunov = probe_run(tmp_path, "method=lyapunov", *common)["lyapunov_exponent"]
+    he = probe_run(tmp_path, "method=baseline", "method.activation=leaky_relu", "method.init=he", *common)
+    he_rate = he["lyapunov_exponent"]
+    predicted = lyapunov_exponent(16, 0.01, math.sqrt(he_variance(0.01)), "gaussian")  # -0.088
+    assert abs(lyapunov["mean"]) < max(4 * lyapunov["se"], 0.01) + 0.005, lyapunov
+    assert he_rate["mean"] < -0.06 and he_rate["mean"] < -10 * he_rate["se"], he_rate
+    assert he_rate["mean"] == pytest.approx(predicted, abs=max(4 * he_rate["se"], 0.01))
+
+
+def _bsnn_selu(tmp_path, gpn: bool, width: int, networks: int) -> dict:
+    return probe_run(tmp_path, "method=bsnn", "method.activation=selu", f"method.gpn={str(gpn).lower()}",
+                     "depth=200", f"width={width}", f"probe.networks={networks}", "probe.batch_size=32")
+
+
+@pytest.mark.skipif("bsnn" not in methods.REGISTRY, reason="bsnn not written yet")
+def test_gpn_keeps_gradients_level_where_plain_selu_grows_them(tmp_path):
+    # Same orthogonal, bias-free 200-layer net; only GPN differs. SELU has E[phi'(z)^2] =
+    # 1/0.966^2 = 1.07 at the fixed point, so the backward signal grows by ~1.07^(1/2) per
+    # layer: about 10^3 over 200 layers. GPN's a makes that factor 1.
+    gpn = _bsnn_selu(tmp_path, True, 96, 2)["grad_norm_ratio"]
+    plain = _bsnn_selu(tmp_path, False, 96, 2)["grad_norm_ratio"]
+    assert gpn["max"] < 20, gpn
+    assert plain["min"] > 200, plain
+    layers = pd.read_csv(next(p for p in tmp_path.glob("*gpn=false*/probe_layers.csv")))
+    hidden = layers[(layers.network == 0) & (layers.kind == "hidden")].grad_norm.to_numpy()
+    assert hidden[0] > 100 * hidden[-1]  # growing toward the input
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("bsnn" not in methods.REGISTRY, reason="bsnn not written yet")
+def test_gpn_gradient_ratio_at_the_papers_shape(tmp_path):
+    gpn = _bsnn_selu(tmp_path, True, 500, 4)["grad_norm_ratio"]
+    plain = _bsnn_selu(tmp_path, False, 500, 4)["grad_norm_ratio"]
+    assert gpn["max"] < 5, gpn
+    assert plain["min"] > 300, plain
+    tanh = probe_run(tmp_path, "method=bsnn", "depth=200", "width=500", "probe.networks=4",
+                     "probe.batch_size=32")["grad_norm_ratio"]  # the default GPN-tanh net
+    assert tanh["max"] < 5, tanh
