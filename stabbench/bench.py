@@ -96,7 +96,7 @@ def run(cfg, out_dir: Path) -> dict:
     device = train.resolve_device(cfg.device)
     method = methods.create(cfg.method)
     data = datasets.load(cfg.dataset, device)
-    shape = Shape(data.in_features, data.n_outputs, cfg.depth, cfg.width)
+    shape = Shape(data.in_features, data.n_outputs, cfg.depth, cfg.width, data.task)
     steps, repeats = cfg.bench.steps, cfg.bench.repeats
     scratch = out_dir / "runner"
     scratch.mkdir(exist_ok=True)

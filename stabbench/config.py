@@ -111,4 +111,4 @@ def validate(cfg) -> None:
     check_range("bench.repeats", cfg.bench.repeats, low=1)
     check_choice("dataset", cfg.dataset.name, datasets.NAMES)
     check_range("dataset.fraction", cfg.dataset.fraction, low=0, high=1, low_open=True)
-    methods.create(cfg.method)
+    methods.create(cfg.method).validate_run(cfg)

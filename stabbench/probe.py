@@ -133,7 +133,7 @@ def run(cfg, out_dir: Path) -> dict:
     method = methods.create(cfg.method)
     x, targets, task, n_outputs, source = probe_batch(cfg, device)
     depth = method.stages(cfg.depth, cfg.epochs)[-1].depth  # a staged method's final network
-    shape = Shape(x.shape[1], n_outputs, depth, cfg.width)
+    shape = Shape(x.shape[1], n_outputs, depth, cfg.width, task)
     seeds = list(range(cfg.seed, cfg.seed + cfg.probe.networks))
     chunk = draws_per_chunk(shape, len(x), len(seeds), device)
 

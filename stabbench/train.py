@@ -209,7 +209,7 @@ class Run:
         self.checkpoint_path = self.out_dir / checkpoint.FILENAME
 
     def shape(self, stage: Stage) -> Shape:
-        return Shape(self.data.in_features, self.data.n_outputs, stage.depth, self.cfg.width)
+        return Shape(self.data.in_features, self.data.n_outputs, stage.depth, self.cfg.width, self.data.task)
 
     def save_checkpoint(self, stage, ensemble, guide, optimizer, state: LoopState, finished: list) -> None:
         self.recorder.flush()

@@ -29,6 +29,7 @@ class Shape:
     out_features: int
     depth: int
     width: int
+    task: str = "classification"  # or "regression": what the outputs are trained for
 
 
 @dataclass
@@ -56,6 +57,10 @@ class Method:
     def validate(self) -> None:
         """Raise UserError naming any bad option and what is allowed."""
         check_choice("method.activation", self.cfg.activation, ACTIVATIONS)
+
+    def validate_run(self, cfg) -> None:
+        """Checks of the method's options against the whole run config (e.g. a schedule
+        against `depth`); called before any directory is made, for every sweep point."""
 
     # -- training schedule ------------------------------------------------------------
     def stages(self, depth: int, epochs: int) -> list[Stage]:
