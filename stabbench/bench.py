@@ -87,7 +87,11 @@ def runner_loop(cfg, out_dir: Path, steps: int) -> float:
 def per_step(measure, steps: int, repeats: int) -> float:
     """Median seconds per step, from (time of 2N steps - time of N steps) / N."""
     measure(2)  # warm-up: first-call costs (allocator, kernels, imports)
-    samples = [(measure(2 * steps) - measure(steps)) / steps for _ in range(repeats)]
+    samples = []
+    for _ in range(repeats):
+        short, long = measure(steps), measure(2 * steps)
+        # With very few steps, noise can outweigh the difference: then the plain average it is.
+        samples.append((long - short) / steps if long > short else long / (2 * steps))
     return statistics.median(samples)
 
 

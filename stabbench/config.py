@@ -104,6 +104,11 @@ def validate(cfg) -> None:
     check_choice("optimizer", cfg.optimizer.name, ("sgd", "adam"))
     check_range("optimizer.momentum", cfg.optimizer.momentum, low=0, high=1, high_open=True)
     check_choice("trainer.cuda_graph", cfg.trainer.cuda_graph, ("auto", "on", "off"))
+    if cfg.trainer.cuda_graph == "on" and cfg.device != "cuda":
+        import torch
+
+        if cfg.device == "cpu" or not torch.cuda.is_available():
+            raise UserError(f"trainer.cuda_graph=on needs CUDA (device={cfg.device}); use trainer.cuda_graph=auto or off")
     check_range("trainer.eval_batch_size", cfg.trainer.eval_batch_size, low=1)
     check_range("probe.networks", cfg.probe.networks, low=1)
     check_range("probe.batch_size", cfg.probe.batch_size, low=1)
