@@ -54,6 +54,14 @@ def _one_line(error: BaseException) -> str:
 
 def check_overrides(argv: list[str], config_name: str, validate: Callable) -> None:
     """Compose and validate each configuration the arguments describe; exit 2 on the first bad one."""
+    try:
+        find_bad_config(argv, config_name, validate)
+    except UserError as error:
+        fail(str(error))
+
+
+def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> None:
+    """Raise UserError for the first configuration of the arguments that is not valid."""
     from hydra import compose, initialize_config_module
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra._internal.utils import get_args_parser
@@ -85,10 +93,8 @@ def check_overrides(argv: list[str], config_name: str, validate: Callable) -> No
                 cfg = compose(config_name=config_name, overrides=list(combo), return_hydra_config=True)
                 validate(cfg)
                 check_output_dir(planned_output_dir(cfg, args.multirun, number), cfg)
-    except UserError as error:
-        fail(str(error))
     except (HydraException, OmegaConfBaseException, ValueError) as error:
-        fail(_one_line(error))
+        raise UserError(_one_line(error)) from None
 
 
 def planned_output_dir(cfg, multirun: bool, number: int) -> Path:
@@ -155,7 +161,7 @@ def previous_output_dir(argv: list[str], config_name: str) -> list[str]:
             if sorted(OmegaConf.to_container(saved)) == task:
                 folder = record.parent if args.multirun else record.parent.parent
                 print(f"stabbench: continuing {folder} (same command as before)", flush=True)
-                return [f"{key}={folder}"]
+                return [f"{key}={folder}"]  # the caller checks the runs there still match
         except Exception:  # an unreadable old record is simply not a match
             continue
     return []
@@ -199,8 +205,13 @@ def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
         from stabbench.config import validate
     check_overrides(argv, config_name, validate)
     register_schemas()
-    argv = argv + previous_output_dir(argv, config_name)
-    check_overrides(argv, config_name, validate)
+    earlier = previous_output_dir(argv, config_name)
+    if earlier:
+        try:
+            find_bad_config(argv + earlier, config_name, validate)
+            argv = argv + earlier
+        except UserError as error:  # e.g. stabbench's defaults changed since: keep that dir as it is
+            print(f"stabbench: not continuing there ({error}); starting a new directory", flush=True)
 
     def job(cfg) -> None:
         spread_over_gpus(HydraConfig.get())

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from stabbench.errors import UserError
 
@@ -115,5 +115,36 @@ def validate(cfg) -> None:
     check_range("bench.steps", cfg.bench.steps, low=1)
     check_range("bench.repeats", cfg.bench.repeats, low=1)
     check_choice("dataset", cfg.dataset.name, datasets.NAMES)
+    check_schema_keys(cfg)
     check_range("dataset.fraction", cfg.dataset.fraction, low=0, high=1, low_open=True)
     methods.create(cfg.method).validate_run(cfg)
+
+
+def check_schema_keys(cfg) -> None:
+    """Keys Hydra lets through but nothing reads: `+foo=1` appends a key even to a
+    structured config, and `dataset.name=mnist` renames the synthetic dataset's config
+    instead of selecting MNIST's. Both would run something other than what was typed."""
+    from dataclasses import fields
+
+    from stabbench import datasets, methods
+
+    def extra(node, schema) -> list[str]:
+        return sorted(set(node.keys()) - {f.name for f in fields(schema)})
+
+    unknown = extra(cfg, Config) and [k for k in extra(cfg, Config) if k != "hydra"]
+    if unknown:
+        raise UserError(f"unknown key {unknown[0]!r}; allowed top-level keys: {', '.join(f.name for f in fields(Config))}")
+    choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None) or {}  # present before Hydra runs
+    for group, registry in (("method", methods.REGISTRY), ("dataset", datasets.REGISTRY)):
+        node = cfg[group]
+        chosen = choices.get(group)
+        if chosen is not None and chosen != node.name:
+            raise UserError(f"{group}.name={node.name!r} but {group}={chosen} is selected; "
+                            f"choose a {group} with {group}={node.name}, not {group}.name=")
+        if node.name not in registry:
+            continue
+        allowed = {f.name for f in fields(registry[node.name].Config)}
+        unknown = sorted(set(node.keys()) - allowed)
+        if unknown:
+            raise UserError(f"unknown key '{group}.{unknown[0]}' for {group}={node.name}; "
+                            f"allowed: {', '.join(sorted(allowed))}")

@@ -84,6 +84,12 @@ class RunRecorder:
     def reload(self, counts: dict[str, int]) -> None:
         """Resume: take back the rows written up to a checkpoint (rows are only ever appended,
         so the first `counts` rows of each file are exactly the checkpoint's)."""
+        for name in ("metrics.csv", "layers.csv"):
+            if not (self.out_dir / name).is_file():
+                from stabbench.errors import UserError
+
+                raise UserError(f"{self.out_dir} has a checkpoint but no {name} to resume; "
+                                f"delete {self.out_dir / 'checkpoint.pt'} to start the run afresh")
         metrics = pd.read_csv(self.out_dir / "metrics.csv").head(counts["metrics"])
         self.metric_rows = [{k: v for k, v in row.items() if not pd.isna(v) or k in METRICS_COLUMNS}
                             for row in metrics.to_dict("records")]

@@ -4,6 +4,7 @@ tests a method's name. A method module defines a `Config` dataclass (its options
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -86,7 +87,9 @@ def check_choice(key: str, value, allowed) -> None:
 
 
 def check_range(key: str, value, low=None, high=None, low_open=False, high_open=False) -> None:
-    """Raise UserError unless low <= value <= high (or < for an open end)."""
+    """Raise UserError unless low <= value <= high (or < for an open end); NaN and inf never pass."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key}={value} is not a finite number")
     bad = (
         (low is not None and (value <= low if low_open else value < low))
         or (high is not None and (value >= high if high_open else value > high))
