@@ -10,6 +10,7 @@ import io
 import re
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -394,6 +395,7 @@ def test_same_command_after_a_default_changed_starts_a_new_dir(cli, tmp_path):
     summary["config"]["width"] = 999  # as if the default had been different back then
     (first / "summary.json").write_text(json.dumps(summary))
     before = (first / "summary.json").read_bytes()
+    time.sleep(1.1)  # run dirs are named to the second
     code, out, err = cli(*args)
     assert code == 0, err
     assert "starting a new directory" in out
