@@ -32,9 +32,9 @@ class Ensemble:
         """x is [E, batch, features], or [batch, features] fed to every member if shared_input."""
         if self.size == 1:
             # One network: call it directly on its slices. vmap costs 1.4-2x at depth 200 on the CPU
-            # even for E = 1, and gradients flow through the [0] views to the stacked tensors alike.
-            params = {name: tensor[0] for name, tensor in self.params.items()}
-            buffers = {name: tensor[0] for name, tensor in self.buffers.items()}
+            # even for E = 1, and gradients flow through the views to the stacked tensors alike.
+            params = {name: tensor.squeeze(0) for name, tensor in self.params.items()}  # a view: no scatter in backward
+            buffers = {name: tensor.squeeze(0) for name, tensor in self.buffers.items()}
             out = self._call_one(params, buffers, x if shared_input else x[0], **kwargs)
             return tree_map(lambda t: t.unsqueeze(0), out)
         batched = vmap(partial(self._call_one, **kwargs), in_dims=(0, 0, None if shared_input else 0),
