@@ -30,14 +30,12 @@ def run_subprocess(*args: str, cwd: Path, timeout: float = 600, **kwargs) -> sub
                            timeout=timeout, env=env, **kwargs)
 
 
-@pytest.fixture
-def cli(tmp_path, monkeypatch, capsys):
-    """Run `stabbench ...` in-process from tmp_path; returns (exit code, stdout, stderr)."""
+def in_process_cli(capture):
+    """`call(*args)` runs `stabbench <args>` in this process and returns (exit code, stdout,
+    stderr) read from `capture` (pytest's capsys, or capfd to see child processes too)."""
     from hydra.core.global_hydra import GlobalHydra
 
     from stabbench.cli import main
-
-    monkeypatch.chdir(tmp_path)
 
     def call(*args: str):
         GlobalHydra.instance().clear()
@@ -47,10 +45,32 @@ def cli(tmp_path, monkeypatch, capsys):
             code = stop.code if isinstance(stop.code, int) else 1
         finally:
             GlobalHydra.instance().clear()
-        out = capsys.readouterr()
+        out = capture.readouterr()
         return code, out.out, out.err
 
     return call
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    """Run `stabbench ...` in-process from tmp_path; returns (exit code, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    return in_process_cli(capsys)
+
+
+def blow_up_seed_1(monkeypatch) -> None:
+    """Seed 1's initial weights scaled up 40x: it alone diverges, in the first steps."""
+    from stabbench import train
+
+    original = train.build_ensemble
+
+    def build(method, shape, seeds, device):
+        ensemble = original(method, shape, seeds, device)
+        for tensor in ensemble.params.values():
+            tensor.data[1] *= 40.0
+        return ensemble
+
+    monkeypatch.setattr(train, "build_ensemble", build)
 
 
 def run_dirs(root: Path) -> list[Path]:

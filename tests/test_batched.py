@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import compose
+from conftest import blow_up_seed_1, compose
 from stabbench import methods, train
 
 SMALL = ["depth=4", "width=16", "dataset.n_train=512", "dataset.n_test=128", "max_steps=8", "log_every=3",
@@ -39,22 +39,11 @@ def test_seed_k_of_a_batched_run_equals_a_run_of_seed_k(method, tmp_path):
                                    err_msg=name)
 
 
-def test_a_diverging_seed_stops_alone(tmp_path):
+def test_a_diverging_seed_stops_alone(tmp_path, monkeypatch):
     """Seed 1's lr is the same, but its init is scaled up so that it alone blows up."""
     cfg = compose("seeds=3", "method.activation=relu", "method.init=he", "lr=0.5", *SMALL)
-    original = train.build_ensemble
-
-    def build(method, shape, seeds, device):
-        ensemble = original(method, shape, seeds, device)
-        for tensor in ensemble.params.values():
-            tensor.data[1] *= 40.0
-        return ensemble
-
-    train.build_ensemble = build
-    try:
-        summaries = train.run(cfg, tmp_path)
-    finally:
-        train.build_ensemble = original
+    blow_up_seed_1(monkeypatch)
+    summaries = train.run(cfg, tmp_path)
     assert [s["diverged"] for s in summaries] == [False, True, False]
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     assert metrics[metrics.seed == 1].step.max() < metrics[metrics.seed == 0].step.max()

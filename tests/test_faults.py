@@ -19,7 +19,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import run_dirs
+from conftest import blow_up_seed_1, run_dirs
 from stabbench import checkpoint, report, train
 from stabbench.errors import UserError
 from stabbench.outputs import LAYER_COLUMNS, METRICS_COLUMNS
@@ -207,19 +207,6 @@ def preempt_at(monkeypatch, nth_log_step: int, signum: int) -> None:
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(train.Run, "log_step", log_step)
-
-
-def blow_up_seed_1(monkeypatch) -> None:
-    """Seed 1's initial weights scaled up 40x: it alone diverges, in the first steps."""
-    original = train.build_ensemble
-
-    def build(method, shape, seeds, device):
-        ensemble = original(method, shape, seeds, device)
-        for tensor in ensemble.params.values():
-            tensor.data[1] *= 40.0
-        return ensemble
-
-    monkeypatch.setattr(train, "build_ensemble", build)
 
 
 PREEMPTIONS = {

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import TINY, run_dirs
+from conftest import TINY, in_process_cli, run_dirs
 from stabbench import report
 
 SWEEP = [*TINY, "device=cpu", "log_every=2"]
@@ -35,26 +35,11 @@ def shut_down_joblib_workers() -> None:
 def sweep_cli(tmp_path, monkeypatch, capfd):
     """Like conftest's `cli`, but captures at the file-descriptor level, so that what the
     launcher's worker processes print is seen too."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from stabbench.cli import main
-
     monkeypatch.chdir(tmp_path)
     # the sweep's report is tested in test_report; its figures only cost seconds here
     monkeypatch.setattr(report, "write_figures", lambda run_set, out_dir: [])
     shut_down_joblib_workers()
-
-    def call(*args: str):
-        GlobalHydra.instance().clear()
-        try:
-            code = main(list(args))
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
-        finally:
-            GlobalHydra.instance().clear()
-        out = capfd.readouterr()
-        return code, out.out, out.err
-
+    call = in_process_cli(capfd)
     yield call
     shut_down_joblib_workers()
 
