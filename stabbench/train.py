@@ -301,7 +301,7 @@ class Run:
 
     def log_step(self, stage: Stage, state: LoopState, step: int, out: dict, kinds: np.ndarray, progress) -> None:
         """A log step's rows: one train row per live seed in metrics.csv, one row per layer in layers.csv."""
-        seeds, E, n_layers = np.array(self.seeds), len(self.seeds), len(kinds)
+        seeds, n_layers = np.array(self.seeds), len(kinds)
         now = round(time.perf_counter() - self.started, 3)
         mean_loss = (state.loss_sum / state.since_log).cpu().numpy()
         mean_acc = (state.acc_sum / state.since_log).cpu().numpy() if "acc" in out else None
