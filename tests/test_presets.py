@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from stabbench import methods
 from stabbench.config import register_schemas, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +21,6 @@ def config(*overrides, hydra=False):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
 
 
-@pytest.mark.skipif("bsnn" not in methods.REGISTRY, reason="bsnn not written yet")
 def test_bsnn_paper_is_the_papers_real_data_setting():
     cfg = config("experiment=bsnn_paper")
     validate(cfg)
@@ -35,7 +33,6 @@ def test_bsnn_paper_is_the_papers_real_data_setting():
     assert cfg.optimizer.weight_decay == 0
 
 
-@pytest.mark.skipif("snn" not in methods.REGISTRY, reason="snn not written yet")
 def test_snn_figure1_sweeps_the_three_depths():
     cfg = config("experiment=snn_figure1", hydra=True)
     assert cfg.method.name == "snn" and cfg.dataset.name == "mnist"

@@ -132,7 +132,6 @@ def _bsnn_selu(tmp_path, gpn: bool, width: int, networks: int) -> dict:
                      "depth=200", f"width={width}", f"probe.networks={networks}", "probe.batch_size=32")
 
 
-@pytest.mark.skipif("bsnn" not in methods.REGISTRY, reason="bsnn not written yet")
 def test_gpn_keeps_gradients_level_where_plain_selu_grows_them(tmp_path):
     # Same orthogonal, bias-free 200-layer net; only GPN differs. SELU has E[phi'(z)^2] =
     # 1/0.966^2 = 1.07 at the fixed point, so the backward signal grows by ~1.07^(1/2) per
@@ -147,7 +146,6 @@ def test_gpn_keeps_gradients_level_where_plain_selu_grows_them(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif("bsnn" not in methods.REGISTRY, reason="bsnn not written yet")
 def test_gpn_gradient_ratio_at_the_papers_shape(tmp_path):
     gpn = _bsnn_selu(tmp_path, True, 500, 4)["grad_norm_ratio"]
     plain = _bsnn_selu(tmp_path, False, 500, 4)["grad_norm_ratio"]
