@@ -1,0 +1,101 @@
+"""The CUDA path: device=cuda with the whole step captured as one CUDA graph (fast.py).
+
+These need a GPU, so CI (which has none) skips them; they ran on an H100 through the
+device tool (README, Speed). Every method must capture (trainer.cuda_graph=on makes a
+failed capture an error instead of an eager fallback), and the graphed step must give the
+eager step's numbers and the CPU's, so the speed trick changes nothing but the speed.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import compose
+from stabbench import methods, train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+SMALL = ["depth=4", "width=16", "dataset.n_train=512", "dataset.n_test=128", "max_steps=24", "log_every=5",
+         "epochs=2", "trainer.tf32=false"]
+
+
+def train_run(tmp_path, name: str, *overrides: str) -> tuple[list[dict], pd.DataFrame, pd.DataFrame]:
+    out = tmp_path / name
+    out.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # an eager fallback warns: that is a failure here
+        summaries = train.run(compose(*SMALL, *overrides), out)
+    return summaries, pd.read_csv(out / "metrics.csv"), pd.read_csv(out / "layers.csv")
+
+
+def assert_same_numbers(a: pd.DataFrame, b: pd.DataFrame, rtol: float, what: str) -> None:
+    a, b = a.drop(columns="time_s", errors="ignore"), b.drop(columns="time_s", errors="ignore")
+    assert list(a.columns) == list(b.columns) and len(a) == len(b) > 0, what
+    numeric = a.select_dtypes("number").columns
+    np.testing.assert_allclose(a[numeric].to_numpy(float), b[numeric].to_numpy(float), rtol=rtol, atol=1e-5,
+                               err_msg=what)
+
+
+@pytest.mark.parametrize("method", sorted(methods.REGISTRY))
+def test_graphed_step_equals_eager_step(method, tmp_path):
+    _, graphed_metrics, graphed_layers = train_run(tmp_path, "graphed", f"method={method}", "device=cuda",
+                                                   "seeds=3", "trainer.cuda_graph=on")
+    _, eager_metrics, eager_layers = train_run(tmp_path, "eager", f"method={method}", "device=cuda", "seeds=3",
+                                               "trainer.cuda_graph=off")
+    assert_same_numbers(graphed_metrics, eager_metrics, 1e-4, "metrics.csv")
+    assert_same_numbers(graphed_layers, eager_layers, 1e-4, "layers.csv")
+
+
+@pytest.mark.parametrize("method", sorted(methods.REGISTRY))
+def test_cuda_run_equals_cpu_run(method, tmp_path):
+    """Same seeds, same data order (drawn on the CPU), float32 without TF32: CPU and GPU
+    arithmetic differ only in summation order."""
+    _, gpu_metrics, gpu_layers = train_run(tmp_path, "gpu", f"method={method}", "device=cuda", "seeds=2")
+    _, cpu_metrics, cpu_layers = train_run(tmp_path, "cpu", f"method={method}", "device=cpu", "seeds=2")
+    assert_same_numbers(gpu_metrics, cpu_metrics, 2e-3, "metrics.csv")
+    assert_same_numbers(gpu_layers, cpu_layers, 2e-3, "layers.csv")
+
+
+def test_graphed_alpha_dropout_draws_new_masks_every_step(tmp_path):
+    """SNN's alpha dropout inside a replayed graph: each replay must draw fresh masks (the
+    graph-safe RNG advances), each seed its own; a frozen mask would train like no dropout."""
+    dropout = ["method=snn", "method.alpha_dropout=0.1", "device=cuda", "seeds=2", "trainer.cuda_graph=on"]
+    summaries, metrics, _ = train_run(tmp_path, "dropout", *dropout)
+    _, plain, _ = train_run(tmp_path, "plain", "method=snn", "device=cuda", "seeds=2", "trainer.cuda_graph=on")
+    train_rows = metrics[metrics.split == "train"]
+    assert np.isfinite(train_rows.loss).all() and not any(s["diverged"] for s in summaries)
+    assert not np.allclose(train_rows.loss.to_numpy(), plain[plain.split == "train"].loss.to_numpy())
+    per_seed = train_rows.pivot(index="step", columns="seed", values="loss")
+    assert not np.allclose(per_seed[0], per_seed[1])
+
+
+def test_graphed_adam_matches_eager_adam(tmp_path):
+    """Adam keeps its step count on the device when captured (capturable=True)."""
+    adam = ["optimizer=adam", "lr=1e-3", "device=cuda", "seeds=2"]
+    _, graphed, _ = train_run(tmp_path, "graphed", *adam, "trainer.cuda_graph=on")
+    _, eager, _ = train_run(tmp_path, "eager", *adam, "trainer.cuda_graph=off")
+    assert_same_numbers(graphed, eager, 1e-4, "metrics.csv")
+
+
+def test_a_diverging_seed_stops_alone_in_a_graph(tmp_path, monkeypatch):
+    from conftest import blow_up_seed_1
+
+    blow_up_seed_1(monkeypatch)
+    summaries, metrics, _ = train_run(tmp_path, "nan", "seeds=3", "method.activation=relu", "method.init=he",
+                                      "lr=0.5", "device=cuda", "trainer.cuda_graph=on")
+    assert [s["diverged"] for s in summaries] == [False, True, False]
+    assert np.isfinite(metrics[metrics.seed != 1].loss).all()
+
+
+def test_sal_stages_each_capture(tmp_path):
+    """SAL trains a new network per stage, guided by the last: each stage's step is its own graph."""
+    summaries, metrics, _ = train_run(tmp_path, "sal", "method=sal", "device=cuda", "seeds=2",
+                                      "trainer.cuda_graph=on")
+    assert set(metrics.stage) == {0, 1, 2} and all(np.isfinite(s["test_loss"]) for s in summaries)
+    summary = json.loads((tmp_path / "sal" / "summary.json").read_text())["seeds"][0]
+    assert [s["depth"] for s in summary["stages"]] == [1, 2, 4]
