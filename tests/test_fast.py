@@ -29,6 +29,40 @@ def test_graphs_only_on_cuda():
     assert fast.maybe_graphed(step, "auto", cpu) is step  # the CPU runs the plain step
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shared_input", [False, True])
+def test_batched_linear_equals_vmapped_f_linear(bias, shared_input):
+    """The CUDA path's batched linear (fast._VmappedLinear under vmap), run here on the CPU:
+    same outputs and same gradients as vmap over F.linear, through its own backward."""
+    from torch.func import vmap
+    import torch.nn.functional as F
+
+    E, B, n_in, n_out = 3, 5, 4, 6
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(B, n_in, generator=generator) if shared_input else torch.randn(E, B, n_in, generator=generator)
+    grads = {}
+    for name, fn in (("reference", F.linear), ("batched", fast._VmappedLinear.apply)):
+        weight = torch.randn(E, n_out, n_in, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        b = torch.randn(E, n_out, generator=torch.Generator().manual_seed(2)).requires_grad_() if bias else None
+        inputs = x.clone().requires_grad_()
+        out = vmap(fn, in_dims=(None if shared_input else 0, 0, 0 if bias else None))(inputs, weight, b)
+        (out * torch.arange(out.numel()).view(out.shape).sin()).sum().backward()
+        grads[name] = (out.detach(), inputs.grad, weight.grad, b.grad if bias else None)
+        if name == "batched":
+            assert out.grad_fn.name().startswith("_BatchedLinear")
+    for reference, batched in zip(grads["reference"], grads["batched"]):
+        if reference is not None:
+            torch.testing.assert_close(batched, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_keeps_f_linear_on_the_cpu_and_for_one_network():
+    """Only CUDA tensors under vmap take the batched path; everything else is F.linear itself."""
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4, requires_grad=True)
+    out = fast.linear(x, layer.weight, layer.bias)
+    assert out.grad_fn.name() == torch.nn.functional.linear(x, layer.weight, layer.bias).grad_fn.name()
+
+
 def test_tf32_switch():
     fast.set_tf32(True)
     assert torch.backends.cuda.matmul.allow_tf32

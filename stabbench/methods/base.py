@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from stabbench.errors import UserError
-from stabbench.model import ACTIVATIONS, MLP
+from stabbench.model import ACTIVATIONS, MLP, Linear
 
 
 @dataclass
@@ -101,4 +101,4 @@ def check_range(key: str, value, low=None, high=None, low_open=False, high_open=
 
 
 def linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=bias)
+    return Linear(in_features, out_features, bias=bias)

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 from torch.nn.utils.parametrizations import orthogonal
 
+from stabbench import fast
 from stabbench.errors import UserError
 from stabbench.methods.base import Method, MethodConfig, Shape, check_choice, linear
 from stabbench.model import MLP, Activation, activation_fn
@@ -112,7 +112,7 @@ class RowNormalizedLinear(nn.Module):
         return self.raw_weight / self.raw_weight.norm(dim=1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return fast.linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"{self.raw_weight.shape[1]}, {self.raw_weight.shape[0]}, rows normalised"

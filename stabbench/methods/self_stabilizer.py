@@ -18,6 +18,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from stabbench import fast
 from stabbench.errors import UserError
 from stabbench.methods.base import Method, MethodConfig, Shape, check_choice, check_range, linear
 from stabbench.methods.baseline import INITS, init_weight
@@ -76,7 +77,7 @@ class StabilizedLinear(nn.Module):
         return self.beta * self.unscaled_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return fast.linear(x, self.weight, self.bias)
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
         return {"beta": self.beta}
