@@ -2,7 +2,6 @@
 plain nn.Module with ordinary autograd (no vmap, no stacking)."""
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import torch

@@ -82,6 +82,6 @@ def load_torchvision_idx(cfg, name: str, torchvision_class: str, root: Optional[
             getattr(torchvision.datasets, torchvision_class)(str(root), train=False, download=True)
         except Exception as error:  # no network, disk full, server gone: one line, not a trace
             raise UserError(f"dataset {name}: download into {raw} failed: {str(error).splitlines()[0]}") from None
-    hint = (f"run with dataset.download=true on a machine with internet, or set dataset.root to a folder "
-            f"holding the IDX files")
+    hint = ("run with dataset.download=true on a machine with internet, or set dataset.root to a folder "
+            "holding the IDX files")
     return load_idx(name, [root, raw], hint)
