@@ -12,6 +12,7 @@ compilation/capture and the end-of-run evaluation cancel; the median over
 """
 from __future__ import annotations
 
+import math
 import platform
 import resource
 import statistics
@@ -41,6 +42,7 @@ def reference_loop(cfg, method, data: datasets.Data, shape: Shape, device: torch
     torch.manual_seed(cfg.seed)
     model = method.build(shape).to(device)
     optimizer = train.make_optimizer(cfg, list(model.parameters()), fused=False)  # torch.optim defaults
+    weights, weight_names = dict(model.named_parameters()), model.weight_param_names()  # the trained matrices
     cpu = TensorDataset(data.x_train.cpu(), data.y_train.cpu())
     loader = DataLoader(cpu, batch_size=min(cfg.batch_size, len(cpu)), shuffle=True, drop_last=True)
     batches = iter(())
@@ -59,7 +61,7 @@ def reference_loop(cfg, method, data: datasets.Data, shape: Shape, device: torch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if record:
-            grad_norms = torch._foreach_norm([layer.weight.grad for layer in model.layers])
+            grad_norms = torch._foreach_norm([weights[name].grad for name in weight_names])
             _ = [float(g) for g in grad_norms] + [float(out["act_std"].detach().sum())]  # a user prints these
         optimizer.step()
         loss.item()  # the tutorial's running-loss print: one sync per step
@@ -94,15 +96,19 @@ class RunnerLoop:
         return time.perf_counter() - start
 
 
-def per_step(measure, steps: int, repeats: int) -> float:
-    """Median seconds per step, from (time of 2N steps - time of N steps) / N."""
+def per_step(measure, steps: int, repeats: int, min_seconds: float) -> tuple[float, int]:
+    """Median seconds per step, and the N used, from (time of 2N steps - time of N steps) / N. N is at least
+    `steps`, and enough steps to last `min_seconds`, so that the part of set-up that does not
+    cancel (CUDA graph capture, allocations) is small beside the difference."""
     measure(2)  # warm-up: first-call costs (allocator, kernels, imports)
+    sizing = measure(steps)  # an upper bound on the step time: it includes the set-up
+    steps = max(steps, math.ceil(min_seconds * steps / sizing))
     samples = []
     for _ in range(repeats):
         short, long = measure(steps), measure(2 * steps)
         # With very few steps, noise can outweigh the difference: then the plain average it is.
         samples.append((long - short) / steps if long > short else long / (2 * steps))
-    return statistics.median(samples)
+    return statistics.median(samples), steps
 
 
 def run(cfg, out_dir: Path) -> dict:
@@ -117,10 +123,11 @@ def run(cfg, out_dir: Path) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    stabbench_s = per_step(RunnerLoop(cfg, scratch), steps, repeats) / cfg.seeds
+    stabbench_s, stabbench_steps = per_step(RunnerLoop(cfg, scratch), steps, repeats, cfg.bench.min_seconds)
+    stabbench_s /= cfg.seeds
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    reference_s = per_step(lambda n: reference_loop(cfg, method, data, shape, device, n), steps, repeats) \
-        if cfg.bench.reference else None
+    reference_s, reference_steps = per_step(lambda n: reference_loop(cfg, method, data, shape, device, n), steps,
+                                            repeats, cfg.bench.min_seconds) if cfg.bench.reference else (None, None)
     result = {
         "shape": {"depth": cfg.depth, "width": cfg.width, "batch_size": cfg.batch_size, "in_features": shape.in_features,
                   "out_features": shape.out_features, "seeds": cfg.seeds, "method": cfg.method.name},
@@ -132,7 +139,7 @@ def run(cfg, out_dir: Path) -> dict:
         "stabbench_ms_per_step_per_model": round(stabbench_s * 1e3, 4),
         "ratio": None if reference_s is None else round(reference_s / stabbench_s, 3),
         "peak_memory_bytes": peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "steps": steps, "repeats": repeats, "torch_version": torch.__version__,
+        "steps": {"stabbench": stabbench_steps, "reference": reference_steps}, "repeats": repeats, "torch_version": torch.__version__,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     write_json(out_dir / "bench.json", result)

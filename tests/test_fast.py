@@ -70,13 +70,32 @@ def test_tf32_switch():
     assert not torch.backends.cuda.matmul.allow_tf32
 
 
-def test_bench_writes_both_timings_and_their_ratio(cli, tmp_path):
-    code, out, err = cli("bench", "device=cpu", "depth=3", "width=16", "seeds=2", "bench.steps=3", "bench.repeats=1",
-                         "dataset.n_train=512", "dataset.n_test=64", "hydra.run.dir=b")
+@pytest.mark.parametrize("method", ["baseline", "bsnn", "self_stabilizer"])
+def test_bench_writes_both_timings_and_their_ratio(cli, tmp_path, method):
+    """bsnn and the self-stabilizer train a raw matrix behind a computed `.weight`: the
+    reference loop must find the trained parameters, as the runner does."""
+    code, out, err = cli("bench", f"method={method}", "device=cpu", "depth=3", "width=16", "seeds=2", "bench.steps=3",
+                         "bench.repeats=1", "bench.min_seconds=0", "dataset.n_train=512", "dataset.n_test=64",
+                         "hydra.run.dir=b")
     assert code == 0, err
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert result["shape"]["depth"] == 3 and result["shape"]["seeds"] == 2 and result["device"] == "cpu"
+    assert result["shape"]["method"] == method and result["steps"] == {"stabbench": 3, "reference": 3}
     assert result["reference_ms_per_step"] > 0 and result["stabbench_ms_per_step_per_model"] > 0
     assert result["ratio"] == pytest.approx(result["reference_ms_per_step"] / result["stabbench_ms_per_step_per_model"],
                                             rel=0.01)
     assert "ratio" in out
+
+
+def test_bench_takes_enough_steps_to_last_min_seconds():
+    from stabbench.bench import per_step
+
+    calls = []
+
+    def measure(steps):  # 10 ms of set-up + 1 ms per step
+        calls.append(steps)
+        return 0.010 + 0.001 * steps
+
+    seconds, steps = per_step(measure, steps=5, repeats=2, min_seconds=0.5)
+    assert steps == 167 and calls == [2, 5, 167, 334, 167, 334]  # 0.5 s over the 3 ms per step the sizing run saw
+    assert seconds == pytest.approx(0.001)
