@@ -194,8 +194,9 @@ def share_cpus(hydra_config) -> None:
 
 
 def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
-              validate: Callable | None = None) -> None:
-    """Run `task(cfg, out_dir)` as a Hydra app over `argv` (one run or a -m sweep)."""
+              validate: Callable | None = None, continue_earlier: bool = True) -> None:
+    """Run `task(cfg, out_dir)` as a Hydra app over `argv` (one run or a -m sweep);
+    `continue_earlier`: the same command again reuses the earlier directory."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
@@ -205,7 +206,7 @@ def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
         from stabbench.config import validate
     check_overrides(argv, config_name, validate)
     register_schemas()
-    earlier = previous_output_dir(argv, config_name)
+    earlier = previous_output_dir(argv, config_name) if continue_earlier else []
     if earlier:
         try:
             find_bad_config(argv + earlier, config_name, validate)

@@ -22,6 +22,7 @@ def probe(argv: list[str]) -> int:
 def bench(argv: list[str]) -> int:
     from stabbench import bench as speed
 
-    # conf/bench.yaml is conf/config.yaml with the outputs under results/bench/
-    run_hydra(argv, lambda cfg, out_dir: speed.run(cfg, out_dir), config_name="bench")
+    # conf/bench.yaml is conf/config.yaml with the outputs under results/bench/. Each bench is a
+    # new measurement in a new directory: continuing an earlier one would overwrite its bench.json.
+    run_hydra(argv, lambda cfg, out_dir: speed.run(cfg, out_dir), config_name="bench", continue_earlier=False)
     return 0
