@@ -12,6 +12,7 @@ compilation/capture and the end-of-run evaluation cancel; the median over
 """
 from __future__ import annotations
 
+import gc
 import math
 import platform
 import resource
@@ -37,6 +38,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def settle(device: torch.device) -> None:
+    """Every measurement starts from the same allocator state: the last one's graphs and
+    buffers freed, its memory handed back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    sync(device)
+
+
 def reference_loop(cfg, method, data: datasets.Data, shape: Shape, device: torch.device, steps: int) -> float:
     """Seconds for `steps` steps of the tutorial loop, one model."""
     torch.manual_seed(cfg.seed)
@@ -46,7 +56,7 @@ def reference_loop(cfg, method, data: datasets.Data, shape: Shape, device: torch
     cpu = TensorDataset(data.x_train.cpu(), data.y_train.cpu())
     loader = DataLoader(cpu, batch_size=min(cfg.batch_size, len(cpu)), shuffle=True, drop_last=True)
     batches = iter(())
-    sync(device)
+    settle(device)
     start = time.perf_counter()
     for step in range(steps):
         try:
@@ -88,7 +98,7 @@ class RunnerLoop:
             self.cfg.max_steps = steps
         run = train.Run(self.cfg, self.out_dir)
         self.ensemble.load_state_dict(self.initial)
-        sync(run.device)
+        settle(run.device)
         start = time.perf_counter()
         with Preemption() as preemption:
             run.train_stage(self.stage, self.ensemble, None, [], preemption)
@@ -97,17 +107,19 @@ class RunnerLoop:
 
 
 def per_step(measure, steps: int, repeats: int, min_seconds: float) -> tuple[float, int]:
-    """Median seconds per step, and the N used, from (time of 2N steps - time of N steps) / N. N is at least
-    `steps`, and enough steps to last `min_seconds`, so that the part of set-up that does not
-    cancel (CUDA graph capture, allocations) is small beside the difference."""
+    """Median seconds per step, and the N used, from (time of 2N steps - time of N steps) / N.
+    N is at least `steps`, and enough that the difference itself lasts `min_seconds`: on an
+    H100 the runner's 20 steps at 8 seeds take ~0.4 s, about what graph capture and
+    allocation vary by, and 20-step figures ranged from 12x to 35x."""
     measure(2)  # warm-up: first-call costs (allocator, kernels, imports)
-    sizing = measure(steps)  # an upper bound on the step time: it includes the set-up
-    steps = max(steps, math.ceil(min_seconds * steps / sizing))
     samples = []
-    for _ in range(repeats):
+    while len(samples) < repeats:
         short, long = measure(steps), measure(2 * steps)
         # With very few steps, noise can outweigh the difference: then the plain average it is.
         samples.append((long - short) / steps if long > short else long / (2 * steps))
+        needed = math.ceil(min_seconds / samples[-1])
+        if needed > steps:  # this pair only sized N
+            steps, samples = needed, []
     return statistics.median(samples), steps
 
 

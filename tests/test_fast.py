@@ -3,6 +3,7 @@ are figures, not assertions)."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -87,7 +88,18 @@ def test_bench_writes_both_timings_and_their_ratio(cli, tmp_path, method):
     assert "ratio" in out
 
 
-def test_bench_takes_enough_steps_to_last_min_seconds():
+def test_the_same_bench_twice_keeps_both_results(cli, tmp_path):
+    args = ("bench", "device=cpu", "depth=2", "width=8", "bench.steps=2", "bench.repeats=1", "bench.min_seconds=0",
+            "bench.reference=false", "dataset.n_train=256", "dataset.n_test=64")
+    assert cli(*args)[0] == 0
+    first = sorted((tmp_path / "results" / "bench").glob("*/bench.json"))
+    time.sleep(1.1)  # run directories are named to the second
+    assert cli(*args)[0] == 0
+    both = sorted((tmp_path / "results" / "bench").glob("*/bench.json"))
+    assert len(first) == 1 and len(both) == 2 and first[0] in both
+
+
+def test_bench_takes_enough_steps_for_the_difference_to_last_min_seconds():
     from stabbench.bench import per_step
 
     calls = []
@@ -97,5 +109,8 @@ def test_bench_takes_enough_steps_to_last_min_seconds():
         return 0.010 + 0.001 * steps
 
     seconds, steps = per_step(measure, steps=5, repeats=2, min_seconds=0.5)
-    assert steps == 167 and calls == [2, 5, 167, 334, 167, 334]  # 0.5 s over the 3 ms per step the sizing run saw
+    # The first pair (5, 10) sizes N: 0.5 s of difference at 1 ms per step is 500 steps.
+    assert steps == 500 and calls == [2, 5, 10, 500, 1000, 500, 1000]
     assert seconds == pytest.approx(0.001)
+    calls.clear()
+    assert per_step(measure, steps=5, repeats=2, min_seconds=0)[1] == 5 and calls == [2, 5, 10, 5, 10]
