@@ -106,21 +106,35 @@ class RunnerLoop:
         return time.perf_counter() - start
 
 
-def per_step(measure, steps: int, repeats: int, min_seconds: float) -> tuple[float, int]:
-    """Median seconds per step, and the N used, from (time of 2N steps - time of N steps) / N.
+def per_step(measures: dict, steps: int, repeats: int, min_seconds: float) -> dict[str, tuple[float, int]]:
+    """For each named `measure(n) -> seconds`: the median seconds per step and the N used,
+    from (time of 2N steps - time of N steps) / N, so set-up cancels.
+
     N is at least `steps`, and enough that the difference itself lasts `min_seconds`: on an
     H100 the runner's 20 steps at 8 seeds take ~0.4 s, about what graph capture and
-    allocation vary by, and 20-step figures ranged from 12x to 35x."""
-    measure(2)  # warm-up: first-call costs (allocator, kernels, imports)
-    samples = []
-    while len(samples) < repeats:
-        short, long = measure(steps), measure(2 * steps)
+    allocation vary by (20-step figures ranged from 12x to 35x). The loops take turns, one
+    pair each per repeat, so a slow spell of a shared machine (the 2-core development VM's
+    reference loop drifted from 6.3 to 10.5 ms per step within a minute) hits both alike."""
+    def pair(measure, n: int) -> float:
+        short, long = measure(n), measure(2 * n)
         # With very few steps, noise can outweigh the difference: then the plain average it is.
-        samples.append((long - short) / steps if long > short else long / (2 * steps))
-        needed = math.ceil(min_seconds / samples[-1])
-        if needed > steps:  # this pair only sized N
-            steps, samples = needed, []
-    return statistics.median(samples), steps
+        return (long - short) / n if long > short else long / (2 * n)
+
+    sizes, samples = {}, {}
+    for name, measure in measures.items():
+        measure(2)  # warm-up: first-call costs (allocator, kernels, imports)
+        sizes[name] = steps
+        while True:
+            sample = pair(measure, sizes[name])
+            needed = math.ceil(round(min_seconds / sample, 6))  # 50.0000001 steps is 50
+            if needed <= sizes[name]:
+                samples[name] = [sample]
+                break
+            sizes[name] = needed  # that pair only sized N
+    for _ in range(repeats - 1):
+        for name, measure in measures.items():
+            samples[name].append(pair(measure, sizes[name]))
+    return {name: (statistics.median(samples[name]), sizes[name]) for name in measures}
 
 
 def run(cfg, out_dir: Path) -> dict:
@@ -135,11 +149,14 @@ def run(cfg, out_dir: Path) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    stabbench_s, stabbench_steps = per_step(RunnerLoop(cfg, scratch), steps, repeats, cfg.bench.min_seconds)
+    measures = {"stabbench": RunnerLoop(cfg, scratch)}
+    if cfg.bench.reference:
+        measures["reference"] = lambda n: reference_loop(cfg, method, data, shape, device, n)
+    timed = per_step(measures, steps, repeats, cfg.bench.min_seconds)
+    stabbench_s, stabbench_steps = timed["stabbench"]
     stabbench_s /= cfg.seeds
+    reference_s, reference_steps = timed.get("reference", (None, None))
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    reference_s, reference_steps = per_step(lambda n: reference_loop(cfg, method, data, shape, device, n), steps,
-                                            repeats, cfg.bench.min_seconds) if cfg.bench.reference else (None, None)
     result = {
         "shape": {"depth": cfg.depth, "width": cfg.width, "batch_size": cfg.batch_size, "in_features": shape.in_features,
                   "out_features": shape.out_features, "seeds": cfg.seeds, "method": cfg.method.name},
@@ -151,7 +168,8 @@ def run(cfg, out_dir: Path) -> dict:
         "stabbench_ms_per_step_per_model": round(stabbench_s * 1e3, 4),
         "ratio": None if reference_s is None else round(reference_s / stabbench_s, 3),
         "peak_memory_bytes": peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "steps": {"stabbench": stabbench_steps, "reference": reference_steps}, "repeats": repeats, "torch_version": torch.__version__,
+        "steps": {"stabbench": stabbench_steps, "reference": reference_steps}, "repeats": repeats,
+        "torch_version": torch.__version__,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     write_json(out_dir / "bench.json", result)

@@ -99,18 +99,24 @@ def test_the_same_bench_twice_keeps_both_results(cli, tmp_path):
     assert len(first) == 1 and len(both) == 2 and first[0] in both
 
 
-def test_bench_takes_enough_steps_for_the_difference_to_last_min_seconds():
+def test_bench_sizes_n_so_the_difference_lasts_min_seconds_and_alternates_the_loops():
     from stabbench.bench import per_step
 
     calls = []
 
-    def measure(steps):  # 10 ms of set-up + 1 ms per step
-        calls.append(steps)
-        return 0.010 + 0.001 * steps
+    def loop(name, per_step_s):  # 10 ms of set-up + per_step_s per step
+        def measure(steps):
+            calls.append((name, steps))
+            return 0.010 + per_step_s * steps
+        return measure
 
-    seconds, steps = per_step(measure, steps=5, repeats=2, min_seconds=0.5)
-    # The first pair (5, 10) sizes N: 0.5 s of difference at 1 ms per step is 500 steps.
-    assert steps == 500 and calls == [2, 5, 10, 500, 1000, 500, 1000]
-    assert seconds == pytest.approx(0.001)
+    timed = per_step({"a": loop("a", 0.001), "b": loop("b", 0.01)}, steps=5, repeats=2, min_seconds=0.5)
+    # a: the pair (5, 10) shows 1 ms per step, so N = 500; then (500, 1000) is its first sample.
+    # b: 10 ms per step, N = 50. The second repeat alternates: a's pair, then b's.
+    assert timed == {"a": (pytest.approx(0.001), 500), "b": (pytest.approx(0.01), 50)}
+    assert calls == [("a", 2), ("a", 5), ("a", 10), ("a", 500), ("a", 1000),
+                     ("b", 2), ("b", 5), ("b", 10), ("b", 50), ("b", 100),
+                     ("a", 500), ("a", 1000), ("b", 50), ("b", 100)]
     calls.clear()
-    assert per_step(measure, steps=5, repeats=2, min_seconds=0)[1] == 5 and calls == [2, 5, 10, 5, 10]
+    assert per_step({"a": loop("a", 0.001)}, steps=5, repeats=2, min_seconds=0)["a"][1] == 5
+    assert calls == [("a", 2), ("a", 5), ("a", 10), ("a", 5), ("a", 10)]
