@@ -4,6 +4,7 @@ sees half a file, and a kill mid-write leaves the previous version intact."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -13,6 +14,17 @@ import pandas as pd
 
 METRICS_COLUMNS = ["step", "epoch", "stage", "seed", "split", "loss", "acc", "time_s"]
 LAYER_COLUMNS = ["step", "epoch", "stage", "seed", "layer", "kind", "grad_norm", "weight_norm", "act_mean", "act_std"]
+
+
+def finite_or_none(value):
+    """JSON has no NaN/inf: a diverged or undefined figure is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 _UMASK = os.umask(0)

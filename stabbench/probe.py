@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 import stabbench
 from stabbench import datasets, methods
 from stabbench.methods.base import Shape
-from stabbench.outputs import atomic_write_bytes, write_csv, write_json
+from stabbench.outputs import atomic_write_bytes, finite_or_none, write_csv, write_json
 from stabbench.train import build_ensemble, grad_norm_ratio, resolve_device, task_loss
 
 LAYER_COLUMNS = ["network", "seed", "layer", "kind", "act_mean", "act_std", "act_log_norm", "grad_norm"]
@@ -202,17 +202,6 @@ def run(cfg, out_dir: Path) -> dict:
     plot(per_layer, summary, out_dir / "probe.png")
     print_table(summary, out_dir)
     return summary
-
-
-def finite_or_none(value):
-    """JSON has no NaN/inf: write null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    return value
 
 
 def plot(per_layer: dict[str, np.ndarray], summary: dict, path: Path) -> None:

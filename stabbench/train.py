@@ -7,7 +7,6 @@ called only through its interface (methods/base.py); this file knows no method b
 """
 from __future__ import annotations
 
-import math
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,7 @@ from stabbench import checkpoint, datasets, fast, methods
 from stabbench.ensemble import Ensemble
 from stabbench.errors import UserError
 from stabbench.methods.base import Shape, Stage
-from stabbench.outputs import RunRecorder, write_json
+from stabbench.outputs import RunRecorder, finite_or_none, write_json
 from stabbench.progress import TrainingProgress, console
 
 
@@ -437,19 +436,8 @@ def summarize(run: Run, finished: list[tuple[Stage, StageResult]]) -> list[dict]
             summary["stages"] = [{"stage": s.index, "depth": s.depth, "epochs": r.epochs, "steps": r.steps,
                                   "train_loss": r.train_loss[k], "test_loss": r.test_loss[k],
                                   "test_acc": None if r.test_acc is None else r.test_acc[k]} for s, r in finished]
-        summaries.append(_finite_or_none(summary))
+        summaries.append(finite_or_none(summary))
     return summaries
-
-
-def _finite_or_none(value):
-    """JSON has no NaN/inf: a diverged figure is written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
-    return value
 
 
 def print_summary(summaries: list[dict], out_dir: Path) -> None:
