@@ -14,7 +14,9 @@ What the runner does to get there:
 - TF32 matmuls, opt-in (trainer.tf32), since they change the numbers;
 - on CUDA, batched linear layers whose weight gradient comes out in the weight's own
   layout (`linear` below): 23.9 -> 20.0 ms per step at 8 seeds (H100, fp32);
-- fused SGD (train.make_optimizer): 25.9 -> 23.9 ms per step, same shape.
+- fused SGD (train.make_optimizer): 25.9 -> 23.9 ms per step, same shape;
+- on the CPU, seeds stacked without vmap (ensemble.runs_stacked): 37 -> 29 ms per step at
+  depth 50, width 64, 8 seeds on the 2-core development VM.
 `torch.compile` does not help this shape (performance.md), so it is not used.
 """
 from __future__ import annotations
@@ -100,12 +102,15 @@ class GraphedStep:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, the one every layer calls. Under vmap on CUDA (seeds batched) it runs as one
-    baddbmm with its own backward: vmap's rule for F.linear computes the weight gradient as
-    x^T g in the transposed layout and autograd then copies it into the weight's layout, one
-    strided copy per layer per step (16% of the step at depth 200, width 500, 8 seeds, H100).
-    On the CPU the extra Python of an autograd.Function costs more than the copy saves, and a
-    single network (no vmap) gains nothing, so both keep F.linear."""
+    """F.linear, the one every layer calls. Seeds batched give it a weight [E, out, in]:
+    called directly on the stacked tensors (ensemble.py) or, under vmap, on CUDA. Either way
+    it runs as one baddbmm with its own backward, which makes the weight gradient in the
+    weight's own layout: autograd's rule for x @ W^T makes it transposed and then copies it
+    back, one strided copy per layer per step (16% of the step at depth 200, width 500, 8
+    seeds on an H100). Under vmap on the CPU the autograd.Function's extra Python costs more
+    than the copy saves, and a single network gains nothing, so both keep F.linear."""
+    if weight.ndim == 3:
+        return _BatchedLinear.apply(x, weight, bias)
     if weight.is_cuda and is_batchedtensor(weight):
         return _VmappedLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -34,8 +34,10 @@ def activation_fn(name: str, negative_slope: float = 0.01):
 
 
 class Linear(nn.Linear):
-    """nn.Linear computed by fast.linear: the same numbers, and on CUDA with seeds batched,
-    a weight gradient without a layout copy. Every method's plain layers are these."""
+    """nn.Linear computed by fast.linear: the same numbers, on stacked seeds too (a weight
+    [E, out, in], x [E, batch, in]). Every method's plain layers are these."""
+
+    stacked_seeds = True  # ensemble.runs_stacked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fast.linear(x, self.weight, self.bias)
@@ -43,6 +45,8 @@ class Linear(nn.Linear):
 
 class Activation(nn.Module):
     """phi(x) = scale * base(x) + shift: a plain activation (1, 0) or a normalised one (BSNN's GPN)."""
+
+    stacked_seeds = True  # elementwise
 
     def __init__(self, name: str, negative_slope: float = 0.01, scale: float = 1.0, shift: float = 0.0):
         super().__init__()
@@ -74,7 +78,12 @@ class MLP(nn.Module):
     depth + 1 (act_mean, act_std, weight_norm, and whatever a layer reports through its
     own `diagnostics()`, e.g. the self-stabilizer's beta). Returning tensors, never
     Python numbers, keeps the step free of host syncs and usable under torch.func.vmap.
+
+    Called on stacked seeds (ensemble.py) every tensor has a leading seed dimension E,
+    diagnostics included ([E, depth + 1]): hence the negative dimensions below.
     """
+
+    stacked_seeds = True
 
     def __init__(self, layers: list[nn.Module], activation: nn.Module, dropout: nn.Module | None = None):
         super().__init__()
@@ -105,16 +114,17 @@ class MLP(nn.Module):
     def _layer_stats(self, hidden: list[torch.Tensor], logits: torch.Tensor) -> dict[str, torch.Tensor]:
         # Every hidden activation is [batch, width]: one stacked reduction instead of two
         # small kernels per layer (400 launches at depth 200).
-        acts = torch.stack(hidden).flatten(1)
+        acts = torch.stack(hidden, dim=-3).flatten(-2)  # [depth, batch * width]
+        outputs = logits.flatten(-2)
         stats = {
-            "act_mean": torch.cat([acts.mean(1), logits.mean().view(1)]),
-            "act_std": torch.cat([acts.std(1), logits.std().view(1)]),
-            "weight_norm": torch.stack([torch.linalg.matrix_norm(layer.weight) for layer in self.layers]),
+            "act_mean": torch.cat([acts.mean(-1), outputs.mean(-1, keepdim=True)], -1),
+            "act_std": torch.cat([acts.std(-1), outputs.std(-1, keepdim=True)], -1),
+            "weight_norm": torch.stack([torch.linalg.matrix_norm(layer.weight) for layer in self.layers], -1),
         }
         extras = [layer.diagnostics() if hasattr(layer, "diagnostics") else {} for layer in self.layers]
         missing = torch.full_like(logits[..., 0, 0], float("nan"))  # a layer without the column (e.g. no beta)
         for key in dict.fromkeys(k for e in extras for k in e):
-            stats[key] = torch.stack([e.get(key, missing) for e in extras])
+            stats[key] = torch.stack([e.get(key, missing) for e in extras], -1)
         return stats
 
     def weight_param_names(self) -> list[str]:

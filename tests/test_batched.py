@@ -49,3 +49,48 @@ def test_a_diverging_seed_stops_alone(tmp_path, monkeypatch):
     assert metrics[metrics.seed == 1].step.max() < metrics[metrics.seed == 0].step.max()
     assert np.isfinite(metrics[metrics.seed != 1].loss).all()
     assert summaries[0]["steps"] == 8 and summaries[0]["test_loss"] is not None
+
+
+VARIANTS = [("baseline",), ("snn", "method.alpha_dropout=0.1"), ("bsnn",), ("bsnn", "method.constraint=none"),
+            ("bsnn", "method.constraint=orthogonal"), ("bsnn", "method.batch_norm=true"), ("self_stabilizer",),
+            ("self_stabilizer", "method.parametrization=softplus"), ("lyapunov",), ("sal",)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v))
+def test_stacked_call_equals_vmap(variant):
+    """Where every module computes on stacked seeds itself, the ensemble calls the network
+    once on the stacked tensors; vmap (always right) must give the same outputs, diagnostics
+    and gradients, dropout masks included. The rest must be left to vmap."""
+    import torch
+
+    cfg = compose(f"method={variant[0]}", *[f"{o}" for o in variant[1:]], "seeds=3", "depth=4", "width=16",
+                  "device=cpu")
+    run = train.Run(cfg, "unused")
+    stage = run.method.stages(cfg.depth, cfg.epochs)[-1]
+    ensemble = train.build_ensemble(run.method, run.shape(stage), run.seeds, run.device)
+    vmapped_only = variant[0] == "bsnn" and ("method.constraint=orthogonal" in variant or "method.batch_norm=true" in variant)
+    assert ensemble.stacked is not vmapped_only
+    if vmapped_only:
+        return
+    x = torch.randn(3, 32, run.data.in_features, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for stacked in (True, False):
+        ensemble.stacked = stacked
+        for tensor in ensemble.params.values():
+            tensor.grad = None
+        torch.manual_seed(7)  # the same dropout draws for both
+        out = ensemble(x, record=True, keep_hidden=True)
+        (out["logits"] * torch.linspace(-1, 1, out["logits"].shape[-1])).sum().backward()
+        with torch.no_grad():
+            evaluated = ensemble.eval()(x[0], shared_input=True)["logits"]
+        ensemble.train()
+        results[stacked] = (out, evaluated, {name: t.grad.clone() for name, t in ensemble.params.items()})
+    (stacked_out, stacked_eval, stacked_grads), (vmap_out, vmap_eval, vmap_grads) = results[True], results[False]
+    assert stacked_out.keys() == vmap_out.keys() and "act_std" in stacked_out
+    for key, value in vmap_out.items():
+        for got, want in zip(stacked_out[key], value) if key == "hidden" else [(stacked_out[key], value)]:
+            assert got.shape == want.shape, key
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True, msg=key)
+    torch.testing.assert_close(stacked_eval, vmap_eval, rtol=1e-5, atol=1e-6)
+    for name, grad in vmap_grads.items():
+        torch.testing.assert_close(stacked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -103,13 +103,15 @@ class RowNormalizedLinear(nn.Module):
     torch parametrization: the same computation, with less Python per step under vmap
     (~1.5x faster at depth 200 on the CPU)."""
 
+    stacked_seeds = True  # rows along the last dimension: right with a leading seed dimension too
+
     def __init__(self, initial: torch.Tensor):
         super().__init__()
         self.raw_weight = nn.Parameter(initial.detach().clone())
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.raw_weight / self.raw_weight.norm(dim=1, keepdim=True)
+        return self.raw_weight / self.raw_weight.norm(dim=-1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fast.linear(x, self.weight)

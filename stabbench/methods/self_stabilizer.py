@@ -56,6 +56,8 @@ class StabilizedLinear(nn.Module):
     """h = beta * (W x) + b, computed as (beta W) x + b: the same product, and with beta = 1
     the very same kernel call as nn.Linear. `.weight` is the effective matrix beta * W."""
 
+    stacked_seeds = True  # beta [E] scales its own seed's [out, in] matrix
+
     def __init__(self, in_features: int, out_features: int, parametrization: str, steepness: float):
         super().__init__()
         plain = nn.Linear(in_features, out_features)  # draws W and b exactly as the baseline's layer does
@@ -74,7 +76,7 @@ class StabilizedLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.beta * self.unscaled_weight
+        return self.beta[..., None, None] * self.unscaled_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fast.linear(x, self.weight, self.bias)
