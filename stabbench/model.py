@@ -21,7 +21,7 @@ ACTIVATIONS = ("tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "sigmoid", "
 def activation_fn(name: str, negative_slope: float = 0.01):
     """The elementwise function for an activation name (plain function: cheap under vmap)."""
     table = {
-        "tanh": torch.tanh,
+        "tanh": fast.tanh,
         "relu": F.relu,
         "leaky_relu": lambda x: F.leaky_relu(x, negative_slope),
         "elu": F.elu,
