@@ -44,7 +44,7 @@ class ProbeConfig:
 class BenchConfig:
     steps: int = 20  # timed steps per measurement (after warm-up), at least
     min_seconds: float = 1.0  # more steps if needed, so set-up noise (graph capture) stays small
-    repeats: int = 3  # measurements; the median is reported
+    repeats: int = 5  # measurements; the median is reported
     reference: bool = True  # also time the tutorial-style reference loop
 
 

@@ -81,10 +81,12 @@ def test_bench_writes_both_timings_and_their_ratio(cli, tmp_path, method):
     assert code == 0, err
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert result["shape"]["depth"] == 3 and result["shape"]["seeds"] == 2 and result["device"] == "cpu"
-    assert result["shape"]["method"] == method and result["steps"] == {"stabbench": 3, "reference": 3}
+    # 512 examples are 4 batches: 2 x 3 steps pass an epoch's end, so N is one whole epoch
+    assert result["shape"]["method"] == method and result["steps"] == {"stabbench": 4, "reference": 4}
     assert result["reference_ms_per_step"] > 0 and result["stabbench_ms_per_step_per_model"] > 0
     assert result["ratio"] == pytest.approx(result["reference_ms_per_step"] / result["stabbench_ms_per_step_per_model"],
                                             rel=0.01)
+    assert len(result["ratio_per_repeat"]) == 1 and result["ratio_per_repeat"][0] == pytest.approx(result["ratio"], rel=0.01)
     assert "ratio" in out
 
 
@@ -113,13 +115,19 @@ def test_bench_sizes_n_so_the_difference_lasts_min_seconds_and_alternates_the_lo
     timed = per_step({"a": loop("a", 0.001), "b": loop("b", 0.01)}, steps=5, repeats=2, min_seconds=0.5)
     # a: the pair (5, 10) shows 1 ms per step, so N = 500; then (500, 1000) is its first sample.
     # b: 10 ms per step, N = 50. The second repeat alternates: a's pair, then b's.
-    assert timed == {"a": (pytest.approx(0.001), 500), "b": (pytest.approx(0.01), 50)}
+    assert timed == {"a": (pytest.approx(0.001), 500, [pytest.approx(0.001)] * 2),
+                     "b": (pytest.approx(0.01), 50, [pytest.approx(0.01)] * 2)}
     assert calls == [("a", 2), ("a", 5), ("a", 10), ("a", 500), ("a", 1000),
                      ("b", 2), ("b", 5), ("b", 10), ("b", 50), ("b", 100),
                      ("a", 500), ("a", 1000), ("b", 50), ("b", 100)]
     calls.clear()
     assert per_step({"a": loop("a", 0.001)}, steps=5, repeats=2, min_seconds=0)["a"][1] == 5
     assert calls == [("a", 2), ("a", 5), ("a", 10), ("a", 5), ("a", 10)]
+    # Once 2N reaches an epoch's end, N is whole epochs: each difference holds the same share
+    # of the epoch-end evaluation. 1 ms per step: 0.05 s needs N = 50, so 2N = 100 > 64: 64.
+    assert per_step({"a": loop("a", 0.001)}, steps=5, repeats=1, min_seconds=0.05, epoch_steps=64)["a"][1] == 64
+    assert per_step({"a": loop("a", 0.001)}, steps=5, repeats=1, min_seconds=0.02, epoch_steps=64)["a"][1] == 20
+    assert per_step({"a": loop("a", 0.001)}, steps=5, repeats=1, min_seconds=0, epoch_steps=8)["a"][1] == 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
