@@ -130,34 +130,42 @@ def test_bench_sizes_n_so_the_difference_lasts_min_seconds_and_alternates_the_lo
     assert per_step({"a": loop("a", 0.001)}, steps=5, repeats=1, min_seconds=0, epoch_steps=8)["a"][1] == 8
 
 
+NUMPY_ACTIVATIONS = {"tanh": (fast.tanh, torch.tanh), "selu": (fast.selu, torch.nn.functional.selu),
+                     "elu": (fast.elu, torch.nn.functional.elu)}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_numpy_tanh_matches_torch_tanh_values_and_gradients(dtype):
-    """fast.tanh (numpy's on the CPU) against torch.tanh: within 2 ulp of 1 over the whole
-    range (tails, zero, infinities, NaN), on a non-contiguous view, and the same gradient."""
+@pytest.mark.parametrize("name", sorted(NUMPY_ACTIVATIONS))
+def test_numpy_activations_match_torch_values_and_gradients(name, dtype):
+    """fast.tanh / selu / elu (numpy's on the CPU) against torch's: within 2 ulp over the
+    whole range (tails, zeros, infinities), on a non-contiguous view, the same gradient."""
+    fast_fn, torch_fn = NUMPY_ACTIVATIONS[name]
+    eps = torch.finfo(dtype).eps
     special = torch.tensor([0.0, -0.0, 1e-30, -1e-8, 1e-3, 0.5, 9.0, -20.0, 1e4, float("inf"), float("-inf")], dtype=dtype)
     values = torch.cat([special, torch.linspace(-12, 12, 8000, dtype=dtype)])
     x = values.repeat(3, 1).T.requires_grad_()  # [N, 3]: a transposed, non-contiguous leaf
-    assert not x.is_contiguous() and x.numel() >= fast.NUMPY_TANH_MIN_ELEMENTS
+    assert not x.is_contiguous() and x.numel() >= fast.NUMPY_MIN_ELEMENTS
     reference = x.detach().clone().requires_grad_()
-    out, want = fast.tanh(x), torch.tanh(reference)
-    assert out.grad_fn.name().startswith("_NumpyTanh")
-    torch.testing.assert_close(out, want, rtol=0, atol=2 * torch.finfo(dtype).eps, equal_nan=True)
-    assert torch.equal(out[:2, 0], x[:2, 0])  # tanh(+-0) = +-0 exactly; the sign of zero too
-    assert torch.equal(torch.signbit(out[:2, 0]), torch.signbit(x.detach()[:2, 0]))
+    out, want = fast_fn(x), torch_fn(reference)
+    assert out.grad_fn.name().startswith("_Numpy")
+    torch.testing.assert_close(out, want, rtol=2 * eps, atol=2 * eps)
+    assert (out[:2, 0] == 0).all()  # f(+-0) = 0 exactly
     weights = torch.linspace(-1, 1, x.numel(), dtype=dtype).view(x.shape)
     (out * weights).sum().backward()
     (want * weights).sum().backward()
-    torch.testing.assert_close(x.grad, reference.grad, rtol=0, atol=4 * torch.finfo(dtype).eps)
-    nan = fast.tanh(torch.full((fast.NUMPY_TANH_MIN_ELEMENTS,), float("nan"), dtype=dtype))
+    torch.testing.assert_close(x.grad, reference.grad, rtol=4 * eps, atol=4 * eps)
+    nan = fast_fn(torch.full((fast.NUMPY_MIN_ELEMENTS,), float("nan"), dtype=dtype))
     assert nan.isnan().all()  # a diverged network's NaNs stay NaN
 
 
-def test_torch_tanh_inside_transforms_and_for_small_tensors():
-    """numpy cannot see through vmap's or jacrev's wrapped tensors: there, torch.tanh."""
+@pytest.mark.parametrize("name", sorted(NUMPY_ACTIVATIONS))
+def test_torch_activations_inside_transforms_and_for_small_tensors(name):
+    """numpy cannot see through vmap's or jacrev's wrapped tensors: there, torch's own."""
     from torch.func import jacrev, vmap
 
-    x = torch.randn(3, fast.NUMPY_TANH_MIN_ELEMENTS)
-    torch.testing.assert_close(vmap(fast.tanh)(x), torch.tanh(x))
+    fast_fn, torch_fn = NUMPY_ACTIVATIONS[name]
+    x = torch.randn(3, fast.NUMPY_MIN_ELEMENTS)
+    torch.testing.assert_close(vmap(fast_fn)(x), torch_fn(x))
     small = torch.randn(5)
-    torch.testing.assert_close(jacrev(fast.tanh)(small), torch.diag(1 - torch.tanh(small) ** 2))
-    assert fast.tanh(small.requires_grad_()).grad_fn.name() == "TanhBackward0"
+    torch.testing.assert_close(jacrev(fast_fn)(small), jacrev(torch_fn)(small))
+    assert fast_fn(small.requires_grad_()).grad_fn.name() == torch_fn(small).grad_fn.name()
