@@ -63,7 +63,7 @@ def test_stacked_call_equals_vmap(variant):
     and gradients, dropout masks included. The rest must be left to vmap."""
     import torch
 
-    cfg = compose(f"method={variant[0]}", *[f"{o}" for o in variant[1:]], "seeds=3", "depth=4", "width=16",
+    cfg = compose(f"method={variant[0]}", *variant[1:], "seeds=3", "depth=4", "width=16",
                   "device=cpu")
     run = train.Run(cfg, "unused")
     stage = run.method.stages(cfg.depth, cfg.epochs)[-1]
