@@ -123,7 +123,7 @@ class MLP(nn.Module):
         # Layer by layer over each network's [batch, width]. Stacking the activations first
         # (one reduction, fewer kernel launches) copied depth x batch x width floats, 13 MB at
         # depth 50, width 64, 8 seeds, and on the CPU its fresh pages cost more than the
-        # reductions; on CUDA the step is one graph, so the launches cost nothing.
+        # reductions; on CUDA the step is replayed as one graph, where launches cost next to nothing.
         means, stds = zip(*(mean_std(values.flatten(-2)) for values in [*hidden, logits]))
         stats = {
             "act_mean": torch.stack(means, -1),

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import blow_up_seed_1, compose
 from stabbench import methods, train
@@ -61,8 +62,6 @@ def test_stacked_call_equals_vmap(variant):
     """Where every module computes on stacked seeds itself, the ensemble calls the network
     once on the stacked tensors; vmap (always right) must give the same outputs, diagnostics
     and gradients, dropout masks included. The rest must be left to vmap."""
-    import torch
-
     cfg = compose(f"method={variant[0]}", *variant[1:], "seeds=3", "depth=4", "width=16",
                   "device=cpu")
     run = train.Run(cfg, "unused")
