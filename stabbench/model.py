@@ -104,20 +104,40 @@ class MLP(nn.Module):
         return len(self.layers) - 1
 
     def forward(self, x, record: bool = False, keep_hidden: bool = False):
-        hidden = []
-        for layer in self.layers[:-1]:
-            x = self.activation(layer(x))
-            if self.dropout is not None:
-                x = self.dropout(x)
-            if keep_hidden or record:
-                hidden.append(x)
-        logits = self.layers[-1](x)
+        plain = None if keep_hidden else self._plain_activation(x)
+        if plain is not None:  # the same numbers, less autograd bookkeeping (fast.plain_mlp)
+            logits, hidden = fast.plain_mlp(x, [layer.weight for layer in self.layers],
+                                            [layer.bias for layer in self.layers], plain, keep_hidden=record)
+        else:
+            hidden = []
+            for layer in self.layers[:-1]:
+                x = self.activation(layer(x))
+                if self.dropout is not None:
+                    x = self.dropout(x)
+                if keep_hidden or record:
+                    hidden.append(x)
+            logits = self.layers[-1](x)
         out = {"logits": logits}
         if keep_hidden:
             out["hidden"] = hidden
         if record:
             out.update(self._layer_stats(hidden, logits))
         return out
+
+    def _plain_activation(self, x: torch.Tensor):
+        """fast.in_place_activation's pair for phi when this network can run as fast.plain_mlp:
+        on the CPU, outside torch.func transforms, every layer a plain Linear, phi a plain
+        activation, no dropout at work, and nobody needing gradients through the hidden
+        activations (keep_hidden: SAL's guidance losses). Otherwise None."""
+        if not fast.CPU_TRICKS or x.device.type != "cpu" or fast.is_functorch_wrapped_tensor(x):
+            return None
+        if type(self.activation) is not Activation or self.activation.scale != 1.0 or self.activation.shift != 0.0:
+            return None
+        if self.dropout is not None and self.training:
+            return None
+        if any(type(layer) is not Linear for layer in self.layers) or x.ndim != self.layers[0].weight.ndim:
+            return None
+        return fast.in_place_activation(self.activation.name, self.activation.negative_slope)
 
     def _layer_stats(self, hidden: list[torch.Tensor], logits: torch.Tensor) -> dict[str, torch.Tensor]:
         # Layer by layer over each network's [batch, width]. Stacking the activations first

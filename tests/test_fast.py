@@ -169,3 +169,98 @@ def test_torch_activations_inside_transforms_and_for_small_tensors(name):
     small = torch.randn(5)
     torch.testing.assert_close(jacrev(fast_fn)(small), jacrev(torch_fn)(small))
     assert fast_fn(small.requires_grad_()).grad_fn.name() == torch_fn(small).grad_fn.name()
+
+
+PLAIN_NETWORKS = {  # method overrides -> a network that runs as fast.plain_mlp
+    "baseline tanh": ["method=baseline"],
+    "snn selu": ["method=snn"],
+    "baseline elu": ["method=baseline", "method.activation=elu"],
+    "baseline relu": ["method=baseline", "method.activation=relu"],
+    "baseline linear": ["method=baseline", "method.activation=linear"],
+    "lyapunov leaky_relu, no biases": ["method=lyapunov"],
+}
+
+
+def build(overrides, in_features=20, depth=5, width=64, seed=0):
+    from conftest import compose
+    from stabbench import methods
+    from stabbench.methods.base import Shape
+
+    torch.manual_seed(seed)
+    return methods.create(compose(*overrides).method).build(Shape(in_features, 10, depth, width, "classification"))
+
+
+def forward_backward(network, x, **kwargs):
+    for p in network.parameters():
+        p.grad = None
+    out = network(x, record=True, **kwargs)
+    (out["logits"] * torch.linspace(-1, 1, out["logits"].shape[-1])).sum().backward()
+    return out, {name: p.grad for name, p in network.named_parameters()}
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+@pytest.mark.parametrize("name", sorted(PLAIN_NETWORKS))
+def test_plain_mlp_gives_the_layer_by_layer_numbers(name, seeds):
+    """fast.plain_mlp runs the same kernels in the same order as the layer-by-layer path
+    (which keep_hidden=True takes): logits, every diagnostic and every gradient agree, for
+    one network and for seeds stacked, with small and large layers (numpy's activations
+    from NUMPY_MIN_ELEMENTS up, torch's below)."""
+    from stabbench.ensemble import Ensemble
+
+    ensemble = Ensemble([build(PLAIN_NETWORKS[name], seed=seed) for seed in range(seeds)])
+    network = ensemble.skeleton.to_empty(device="cpu")
+    params = {k: v.detach().clone().requires_grad_() for k, v in ensemble.params.items()}
+    for key, tensor in params.items():  # the stacked tensors as the network's own parameters
+        module, _, attr = key.rpartition(".")
+        setattr(network.get_submodule(module), attr, torch.nn.Parameter(tensor[0] if seeds == 1 else tensor))
+    for batch in (4, 128):  # 4 x 64 < NUMPY_MIN_ELEMENTS <= 128 x 64
+        x = torch.randn(batch, 20) if seeds == 1 else torch.randn(seeds, batch, 20)
+        assert network._plain_activation(x) is not None
+        plain, plain_grads = forward_backward(network, x)
+        assert ran_plain_mlp(plain["logits"])
+        layered, layered_grads = forward_backward(network, x, keep_hidden=True)
+        assert not ran_plain_mlp(layered["logits"])
+        # With numpy's activation both paths take phi's gradient from its output: the same
+        # numbers to the bit. torch's elu and selu take theirs from the input: ulps apart.
+        tolerance = dict(rtol=0, atol=0) if batch == 128 else dict(rtol=1e-5, atol=1e-6)
+        for key in plain:
+            torch.testing.assert_close(plain[key], layered[key], **tolerance)
+        for key in plain_grads:
+            torch.testing.assert_close(plain_grads[key], layered_grads[key], **tolerance)
+        with torch.no_grad():  # evaluation: the forward alone
+            torch.testing.assert_close(network(x)["logits"], layered["logits"], **tolerance)
+
+
+def ran_plain_mlp(output: torch.Tensor) -> bool:
+    """Whether fast.plain_mlp computed `output` (one network's comes out through a squeeze)."""
+    node = output.grad_fn
+    if node is not None and node.name() == "SqueezeBackward1":
+        node = node.next_functions[0][0]
+    return node is not None and node.name() == "_PlainMLPBackward"
+
+
+@pytest.mark.parametrize("overrides, why", [
+    (["method=bsnn"], "normalised layers and a GPN activation"),
+    (["method=self_stabilizer"], "stabilised layers"),
+    (["method=baseline", "method.activation=gelu"], "gelu's gradient needs its input"),
+    (["method=lyapunov", "method.negative_slope=-0.5"], "a negative slope's output hides the sign"),
+    (["method=snn", "method.alpha_dropout=0.1"], "alpha dropout while training"),
+])
+def test_plain_mlp_is_left_to_networks_it_computes_right(overrides, why):
+    network = build(overrides)
+    x = torch.randn(128, 20)
+    assert network._plain_activation(x) is None, why
+    assert not ran_plain_mlp(network(x)["logits"])
+    if "method.alpha_dropout=0.1" in overrides:
+        assert network.eval()._plain_activation(x) is not None  # dropout is the identity in evaluation
+
+
+def test_torch_kernels_only_switches_the_cpu_tricks_off_and_back():
+    """The bench's reference loop runs under it: torch's own tanh, layer by layer."""
+    network, x = build(PLAIN_NETWORKS["baseline tanh"]), torch.randn(128, 20)
+    big = torch.randn(fast.NUMPY_MIN_ELEMENTS, requires_grad=True)
+    with pytest.raises(RuntimeError), fast.torch_kernels_only():
+        assert network._plain_activation(x) is None
+        assert fast.tanh(big).grad_fn.name() == "TanhBackward0"
+        raise RuntimeError  # and after an error inside, the tricks are back on
+    assert network._plain_activation(x) is not None and fast.tanh(big).grad_fn.name() == "_NumpyTanhBackward"
