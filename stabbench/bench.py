@@ -7,14 +7,19 @@ Times, in one process, on the same shape, device and method:
   evaluated at the end of every epoch, as the runner does;
 - stabbench: the runner's own training loop (train.Run.train_stage) with `seeds` seeds as
   one batched model, CUDA graphs per `trainer.cuda_graph`.
-Each measurement trains N and 2N steps and takes the difference, so set-up, warm-up,
-compilation/capture and the end-of-run evaluation cancel; the median over
-`bench.repeats` is reported as ms per step per model, with the ratio reference / stabbench.
+The two take turns (`bench.repeats` turns of `bench.steps` steps each). Within a turn, a
+loop's clock reads the time at every log step, where both loops wait for the device anyway
+(the metrics are read back there): each stretch of `log_every` steps between two log steps
+gives one per-step figure. The first stretch of a turn (set-up, warm-up, graph capture) is
+left out, and so is the time of any epoch's end inside a stretch: the evaluation of the test
+split is timed on its own, once per turn. A loop's ms per step = median stretch + median
+evaluation / steps per epoch. Medians of many short stretches, rather than the difference of two long runs:
+on the shared 2-core development VM the machine's speed drifts by up to 2x within seconds,
+and a difference of two runs doubles such drift (per-repeat ratios ranged 1.3x to 5.5x).
 """
 from __future__ import annotations
 
 import gc
-import math
 import platform
 import resource
 import statistics
@@ -29,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from stabbench import datasets, fast, methods, train
 from stabbench.checkpoint import Preemption
+from stabbench.errors import UserError
 from stabbench.methods.base import Shape, Stage
 from stabbench.outputs import write_json
 from stabbench.progress import console
@@ -48,43 +54,89 @@ def settle(device: torch.device) -> None:
     sync(device)
 
 
-def reference_loop(cfg, method, data: datasets.Data, shape: Shape, device: torch.device, steps: int) -> float:
-    """Seconds for `steps` steps of the tutorial loop, one model: the method's own network,
-    computed by torch's own kernels layer by layer, as a user's nn.Linear + torch.tanh loop
-    would be (fast.torch_kernels_only: numpy's activations and fast.plain_mlp are stabbench's
-    tricks, so what they buy counts on its side of the ratio)."""
-    torch.manual_seed(cfg.seed)
-    model = method.build(shape).to(device)
-    optimizer = train.make_optimizer(cfg, list(model.parameters()), fused=False)  # torch.optim defaults
-    weights, weight_names = dict(model.named_parameters()), model.weight_param_names()  # the trained matrices
-    cpu = TensorDataset(data.x_train.cpu(), data.y_train.cpu())
-    loader = DataLoader(cpu, batch_size=min(cfg.batch_size, len(cpu)), shuffle=True, drop_last=True)
-    test_loader = DataLoader(TensorDataset(data.x_test.cpu(), data.y_test.cpu()), batch_size=cfg.trainer.eval_batch_size)
-    batches = iter(())
-    settle(device)
+class Clock:
+    """Per-step seconds of the stretches between a loop's log steps (see the module's text)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.last: tuple[int, float] | None = None
+        self.excluded = 0.0  # seconds of evaluation inside the current stretch
+        self.per_step: list[float] = []
+
+    def mark(self, step: int) -> None:
+        """Right after a log step, where the host has waited for the device."""
+        now = time.perf_counter()
+        if self.last is not None and 0 < self.last[0] < step:  # the stretch from step 0 holds warm-up and capture
+            self.per_step.append((now - self.last[1] - self.excluded) / (step - self.last[0]))
+        self.last, self.excluded = (step, now), 0.0
+
+    def leave_out(self, function, *args) -> None:
+        """Run an epoch's end (the evaluation), its time not counted in the stretch."""
+        self.excluded += timed(lambda: function(*args), self.device)
+
+
+def timed(function, device: torch.device) -> float:
+    sync(device)
     start = time.perf_counter()
-    with fast.torch_kernels_only():
-        for step in range(steps):
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                if step:  # an epoch ended: the test split, as the runner evaluates it
-                    test_epoch(model, test_loader, data.task, device)
-                batches = iter(loader)
-                x, y = next(batches)
-            x, y = x.to(device), y.to(device)
-            record = step % cfg.log_every == 0
-            out = model(x, record=record)
-            loss = F.cross_entropy(out["logits"], y) if data.task == "classification" else F.mse_loss(out["logits"], y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if record:
-                grad_norms = torch._foreach_norm([weights[name].grad for name in weight_names])
-                _ = [float(g) for g in grad_norms] + [float(out["act_std"].detach().sum())]  # a user prints these
-            optimizer.step()
-            loss.item()  # the tutorial's running-loss print: one sync per step
+    function()
     sync(device)
     return time.perf_counter() - start
+
+
+class ReferenceLoop:
+    """The tutorial loop, one model: the method's own network, computed by torch's own
+    kernels layer by layer, as a user's nn.Linear + torch.tanh loop would be
+    (fast.torch_kernels_only: numpy's activations and fast.plain_mlp are stabbench's tricks,
+    so what they buy counts on its side of the ratio)."""
+
+    def __init__(self, cfg, method, data: datasets.Data, shape: Shape, device: torch.device):
+        self.cfg, self.method, self.data, self.shape, self.device = cfg, method, data, shape, device
+        cpu = TensorDataset(data.x_train.cpu(), data.y_train.cpu())
+        self.loader = DataLoader(cpu, batch_size=min(cfg.batch_size, len(cpu)), shuffle=True, drop_last=True)
+        self.test_loader = DataLoader(TensorDataset(data.x_test.cpu(), data.y_test.cpu()),
+                                      batch_size=cfg.trainer.eval_batch_size)
+
+    def build(self):
+        torch.manual_seed(self.cfg.seed)
+        return self.method.build(self.shape).to(self.device)
+
+    def __call__(self, steps: int) -> list[float]:
+        """Train a fresh model `steps` steps; the clock's per-step stretches."""
+        cfg, data, device = self.cfg, self.data, self.device
+        model = self.build()
+        optimizer = train.make_optimizer(cfg, list(model.parameters()), fused=False)  # torch.optim defaults
+        weights, weight_names = dict(model.named_parameters()), model.weight_param_names()  # the trained matrices
+        clock, batches = Clock(device), iter(())
+        settle(device)
+        with fast.torch_kernels_only():
+            for step in range(steps):
+                try:
+                    x, y = next(batches)
+                except StopIteration:
+                    if step:  # an epoch ended: the test split, as the runner evaluates it
+                        clock.leave_out(test_epoch, model, self.test_loader, data.task, device)
+                    batches = iter(self.loader)
+                    x, y = next(batches)
+                x, y = x.to(device), y.to(device)
+                record = step % cfg.log_every == 0 or step == steps - 1
+                out = model(x, record=record)
+                loss = F.cross_entropy(out["logits"], y) if data.task == "classification" else F.mse_loss(out["logits"], y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if record:
+                    grad_norms = torch._foreach_norm([weights[name].grad for name in weight_names])
+                    _ = [float(g) for g in grad_norms] + [float(out["act_std"].detach().sum())]  # a user prints these
+                optimizer.step()
+                loss.item()  # the tutorial's running-loss print: one sync per step
+                if record:
+                    clock.mark(step)
+        return clock.per_step
+
+    def evaluation(self) -> float:
+        """Seconds for one evaluation of the test split."""
+        model = self.build()
+        with fast.torch_kernels_only():
+            return timed(lambda: test_epoch(model, self.test_loader, self.data.task, self.device), self.device)
 
 
 @torch.no_grad()
@@ -105,95 +157,93 @@ def test_epoch(model, loader: DataLoader, task: str, device: torch.device) -> tu
 
 
 class RunnerLoop:
-    """Seconds for `steps` steps of stabbench's own loop (all seeds together). The seeds'
-    networks are drawn once (32 seeds at depth 200 take ~10 s on the CPU) and reset to
-    that draw before each measurement."""
+    """stabbench's own loop (all seeds together). The seeds' networks are drawn once (32
+    seeds at depth 200 take ~10 s on the CPU) and reset to that draw before each turn."""
 
     def __init__(self, cfg, out_dir: Path):
         self.cfg, self.out_dir = cfg.copy(), out_dir
         with open_dict(self.cfg):
             self.cfg.checkpoint_every = 0
-        run = train.Run(self.cfg, out_dir)
+        self.run = train.Run(self.cfg, out_dir)
         self.stage = Stage(depth=cfg.depth, epochs=max(cfg.epochs, 10_000))
-        self.ensemble = train.build_ensemble(run.method, run.shape(self.stage), run.seeds, run.device)
+        self.ensemble = train.build_ensemble(self.run.method, self.run.shape(self.stage), self.run.seeds, self.run.device)
         self.initial = {name: tensor.clone() for name, tensor in self.ensemble.state_dict().items()}
 
-    def __call__(self, steps: int) -> float:
+    def __call__(self, steps: int) -> list[float]:
+        """Train `steps` steps from the initial draw; the clock's per-step stretches."""
         with open_dict(self.cfg):
             self.cfg.max_steps = steps
         run = train.Run(self.cfg, self.out_dir)
+        clock, log_step, end_epoch = Clock(run.device), run.log_step, run.end_epoch
+
+        def timed_log_step(stage, state, step, *args):  # the clock reads after the log step's read-back
+            log_step(stage, state, step, *args)
+            clock.mark(step)
+
+        run.log_step = timed_log_step
+        run.end_epoch = lambda *args: clock.leave_out(end_epoch, *args)
         self.ensemble.load_state_dict(self.initial)
         settle(run.device)
-        start = time.perf_counter()
         with Preemption() as preemption:
             run.train_stage(self.stage, self.ensemble, None, [], preemption)
-        sync(run.device)
-        return time.perf_counter() - start
+        return clock.per_step
+
+    def evaluation(self) -> float:
+        """Seconds for one evaluation of the test split, all seeds."""
+        run = self.run
+        return timed(lambda: train.evaluate(self.ensemble, run.data, self.cfg.trainer.eval_batch_size), run.device)
 
 
-def per_step(measures: dict, steps: int, repeats: int, min_seconds: float,
-             epoch_steps: int | None = None) -> dict[str, tuple[float, int, list[float]]]:
-    """For each named `measure(n) -> seconds`: the median seconds per step, the N used and
-    every repeat's figure, from (time of 2N steps - time of N steps) / N, so set-up cancels.
+def take_turns(loops: dict, steps: int, repeats: int) -> dict[str, dict]:
+    """Each loop in turn, `repeats` times: `steps` steps, then one evaluation. Per loop: the
+    stretches' per-step seconds of each turn, and the evaluations' seconds."""
+    timings = {name: {"turns": [], "evaluations": []} for name in loops}
+    for name, loop in loops.items():
+        loop(2)  # warm-up: first-call costs (allocator, kernels, imports)
+        loop.evaluation()
+    for _ in range(repeats):
+        for name, loop in loops.items():
+            timings[name]["turns"].append(loop(steps))
+            timings[name]["evaluations"].append(loop.evaluation())
+    return timings
 
-    N is at least `steps`, and enough that the difference itself lasts `min_seconds`: on an
-    H100 the runner's 20 steps at 8 seeds take ~0.4 s, about what graph capture and
-    allocation vary by (20-step figures ranged from 12x to 35x). Once 2N reaches the end of
-    an epoch (`epoch_steps`), N is rounded up to whole epochs, so that every difference holds
-    the same share of the epoch-end test evaluation: with N = 51 of a 64-step epoch the 2N
-    run held one evaluation more than the N run, with N = 30 none, and the runner's figure
-    moved by 0.4 ms per model with nothing else changed. The loops take turns, one pair each
-    per repeat, so a slow spell of a shared machine (the 2-core development VM's reference
-    loop drifted from 6.3 to 10.5 ms per step within a minute) hits both alike."""
-    def pair(measure, n: int) -> float:
-        short, long = measure(n), measure(2 * n)
-        # With very few steps, noise can outweigh the difference: then the plain average it is.
-        return (long - short) / n if long > short else long / (2 * n)
 
-    def whole_epochs(n: int) -> int:
-        return math.ceil(n / epoch_steps) * epoch_steps if epoch_steps and 2 * n >= epoch_steps else n
-
-    sizes, samples = {}, {}
-    for name, measure in measures.items():
-        measure(2)  # warm-up: first-call costs (allocator, kernels, imports)
-        sizes[name] = whole_epochs(steps)
-        while True:
-            sample = pair(measure, sizes[name])
-            needed = whole_epochs(math.ceil(round(min_seconds / sample, 6)))  # 50.0000001 steps is 50
-            if needed <= sizes[name]:
-                samples[name] = [sample]
-                break
-            sizes[name] = needed  # that pair only sized N
-    for _ in range(repeats - 1):
-        for name, measure in measures.items():
-            samples[name].append(pair(measure, sizes[name]))
-    return {name: (statistics.median(samples[name]), sizes[name], samples[name]) for name in measures}
+def seconds_per_step(timing: dict, epoch_steps: int, turn: int | None = None) -> float:
+    """Median stretch (of one turn, or of all) + median evaluation spread over an epoch's steps."""
+    stretches = timing["turns"][turn] if turn is not None else [s for t in timing["turns"] for s in t]
+    evaluations = [timing["evaluations"][turn]] if turn is not None else timing["evaluations"]
+    return statistics.median(stretches) + statistics.median(evaluations) / epoch_steps
 
 
 def run(cfg, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
+    steps, repeats = cfg.bench.steps, cfg.bench.repeats
+    if steps < cfg.log_every + 2:
+        raise UserError(f"bench.steps={steps} is too few: the bench times the stretches between log steps after "
+                        f"the first, so with log_every={cfg.log_every} a turn needs at least {cfg.log_every + 2} steps")
     device = train.resolve_device(cfg.device)
     method = methods.create(cfg.method)
     data = datasets.load(cfg.dataset, device)
     shape = Shape(data.in_features, data.n_outputs, cfg.depth, cfg.width, data.task)
-    steps, repeats = cfg.bench.steps, cfg.bench.repeats
     scratch = out_dir / "runner"
     scratch.mkdir(exist_ok=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    measures = {"stabbench": RunnerLoop(cfg, scratch)}
+    loops = {"stabbench": RunnerLoop(cfg, scratch)}
     if cfg.bench.reference:
-        measures["reference"] = lambda n: reference_loop(cfg, method, data, shape, device, n)
+        loops["reference"] = ReferenceLoop(cfg, method, data, shape, device)
     epoch_steps = len(data.x_train) // min(cfg.batch_size, len(data.x_train))  # as both loops count an epoch
-    timed = per_step(measures, steps, repeats, cfg.bench.min_seconds, epoch_steps)
-    stabbench_s, stabbench_steps, stabbench_samples = timed["stabbench"]
-    stabbench_s /= cfg.seeds
-    reference_s, reference_steps, reference_samples = timed.get("reference", (None, None, None))
-    # Each repeat's pair of figures was taken back to back: their ratios show how far the
+    timings = take_turns(loops, steps, repeats)
+    stabbench_s = seconds_per_step(timings["stabbench"], epoch_steps) / cfg.seeds
+    reference_s = seconds_per_step(timings["reference"], epoch_steps) if "reference" in timings else None
+    # Each turn's pair of figures was taken back to back: their ratios show how far the
     # machine's own drift moves the result.
-    ratios = None if reference_s is None else [r / (s / cfg.seeds) for r, s in zip(reference_samples, stabbench_samples)]
+    ratios = None if reference_s is None else [
+        seconds_per_step(timings["reference"], epoch_steps, k) * cfg.seeds / seconds_per_step(timings["stabbench"], epoch_steps, k)
+        for k in range(repeats)]
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    evaluation_ms = {name: round(statistics.median(t["evaluations"]) * 1e3, 3) for name, t in timings.items()}
     result = {
         "shape": {"depth": cfg.depth, "width": cfg.width, "batch_size": cfg.batch_size, "in_features": shape.in_features,
                   "out_features": shape.out_features, "seeds": cfg.seeds, "method": cfg.method.name},
@@ -205,8 +255,11 @@ def run(cfg, out_dir: Path) -> dict:
         "stabbench_ms_per_step_per_model": round(stabbench_s * 1e3, 4),
         "ratio": None if reference_s is None else round(reference_s / stabbench_s, 3),
         "ratio_per_repeat": None if ratios is None else [round(r, 3) for r in ratios],
+        "evaluation_ms": evaluation_ms,  # one evaluation of the test split: the reference's model, all seeds
+        "steps_per_epoch": epoch_steps,
         "peak_memory_bytes": peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "steps": {"stabbench": stabbench_steps, "reference": reference_steps}, "repeats": repeats,
+        "steps_per_turn": steps, "repeats": repeats,
+        "stretches": {name: sum(len(turn) for turn in t["turns"]) for name, t in timings.items()},
         "torch_version": torch.__version__,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

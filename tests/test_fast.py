@@ -75,23 +75,25 @@ def test_tf32_switch():
 def test_bench_writes_both_timings_and_their_ratio(cli, tmp_path, method):
     """bsnn and the self-stabilizer train a raw matrix behind a computed `.weight`: the
     reference loop must find the trained parameters, as the runner does."""
-    code, out, err = cli("bench", f"method={method}", "device=cpu", "depth=3", "width=16", "seeds=2", "bench.steps=3",
-                         "bench.repeats=1", "bench.min_seconds=0", "dataset.n_train=512", "dataset.n_test=64",
+    code, out, err = cli("bench", f"method={method}", "device=cpu", "depth=3", "width=16", "seeds=2", "log_every=2",
+                         "bench.steps=7", "bench.repeats=2", "dataset.n_train=512", "dataset.n_test=64",
                          "hydra.run.dir=b")
     assert code == 0, err
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert result["shape"]["depth"] == 3 and result["shape"]["seeds"] == 2 and result["device"] == "cpu"
-    # 512 examples are 4 batches: 2 x 3 steps pass an epoch's end, so N is one whole epoch
-    assert result["shape"]["method"] == method and result["steps"] == {"stabbench": 4, "reference": 4}
+    # log steps 0, 2, 4, 6 (the last): the stretches 2-4 and 4-6 of each of the 2 turns
+    assert result["shape"]["method"] == method and result["stretches"] == {"stabbench": 4, "reference": 4}
+    assert result["steps_per_turn"] == 7 and result["steps_per_epoch"] == 4  # 512 examples, batch 128
+    assert result["evaluation_ms"]["stabbench"] > 0 and result["evaluation_ms"]["reference"] > 0
     assert result["reference_ms_per_step"] > 0 and result["stabbench_ms_per_step_per_model"] > 0
     assert result["ratio"] == pytest.approx(result["reference_ms_per_step"] / result["stabbench_ms_per_step_per_model"],
                                             rel=0.01)
-    assert len(result["ratio_per_repeat"]) == 1 and result["ratio_per_repeat"][0] == pytest.approx(result["ratio"], rel=0.01)
+    assert len(result["ratio_per_repeat"]) == 2
     assert "ratio" in out
 
 
 def test_the_same_bench_twice_keeps_both_results(cli, tmp_path):
-    args = ("bench", "device=cpu", "depth=2", "width=8", "bench.steps=2", "bench.repeats=1", "bench.min_seconds=0",
+    args = ("bench", "device=cpu", "depth=2", "width=8", "log_every=1", "bench.steps=3", "bench.repeats=1",
             "bench.reference=false", "dataset.n_train=256", "dataset.n_test=64")
     assert cli(*args)[0] == 0
     first = sorted((tmp_path / "results" / "bench").glob("*/bench.json"))
@@ -101,33 +103,58 @@ def test_the_same_bench_twice_keeps_both_results(cli, tmp_path):
     assert len(first) == 1 and len(both) == 2 and first[0] in both
 
 
-def test_bench_sizes_n_so_the_difference_lasts_min_seconds_and_alternates_the_loops():
-    from stabbench.bench import per_step
+def test_bench_refuses_turns_too_short_to_time(cli, tmp_path):
+    code, _, err = cli("bench", "device=cpu", "log_every=10", "bench.steps=11")
+    assert code == 2 and err.strip().startswith("stabbench: error: bench.steps=11 is too few") and "\n" not in err.strip()
+    assert "at least 12 steps" in err
+
+
+def test_the_bench_clock_times_stretches_between_log_steps_without_the_evaluations(monkeypatch):
+    import stabbench.bench as bench
+
+    now = [1.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+
+    def evaluation():
+        now[0] += 0.5
+
+    clock = bench.Clock(torch.device("cpu"))
+    clock.mark(0)
+    now[0] = 3.0
+    clock.mark(10)  # the stretch from step 0 (set-up, warm-up, capture) is left out
+    now[0] = 3.05
+    clock.leave_out(evaluation)  # an epoch's end: 3.05 -> 3.55 is not the loop's time
+    now[0] = 3.75
+    clock.mark(20)  # (3.75 - 3.0 - 0.5) / 10
+    now[0] = 3.85
+    clock.mark(25)  # the last step: (3.85 - 3.75) / 5
+    assert clock.per_step == [pytest.approx(0.025), pytest.approx(0.02)]
+
+
+def test_the_bench_alternates_the_loops_and_adds_evaluation_per_epoch_step():
+    from stabbench.bench import seconds_per_step, take_turns
 
     calls = []
 
-    def loop(name, per_step_s):  # 10 ms of set-up + per_step_s per step
-        def measure(steps):
-            calls.append((name, steps))
-            return 0.010 + per_step_s * steps
-        return measure
+    class Loop:
+        def __init__(self, name, stretches, evaluation):
+            self.name, self.stretches, self.evaluation_s = name, stretches, evaluation
 
-    timed = per_step({"a": loop("a", 0.001), "b": loop("b", 0.01)}, steps=5, repeats=2, min_seconds=0.5)
-    # a: the pair (5, 10) shows 1 ms per step, so N = 500; then (500, 1000) is its first sample.
-    # b: 10 ms per step, N = 50. The second repeat alternates: a's pair, then b's.
-    assert timed == {"a": (pytest.approx(0.001), 500, [pytest.approx(0.001)] * 2),
-                     "b": (pytest.approx(0.01), 50, [pytest.approx(0.01)] * 2)}
-    assert calls == [("a", 2), ("a", 5), ("a", 10), ("a", 500), ("a", 1000),
-                     ("b", 2), ("b", 5), ("b", 10), ("b", 50), ("b", 100),
-                     ("a", 500), ("a", 1000), ("b", 50), ("b", 100)]
-    calls.clear()
-    assert per_step({"a": loop("a", 0.001)}, steps=5, repeats=2, min_seconds=0)["a"][1] == 5
-    assert calls == [("a", 2), ("a", 5), ("a", 10), ("a", 5), ("a", 10)]
-    # Once 2N reaches an epoch's end, N is whole epochs: each difference holds the same share
-    # of the epoch-end evaluation. 1 ms per step: 0.05 s needs N = 50, so 2N = 100 > 64: 64.
-    assert per_step({"a": loop("a", 0.001)}, steps=5, repeats=1, min_seconds=0.05, epoch_steps=64)["a"][1] == 64
-    assert per_step({"a": loop("a", 0.001)}, steps=5, repeats=1, min_seconds=0.02, epoch_steps=64)["a"][1] == 20
-    assert per_step({"a": loop("a", 0.001)}, steps=5, repeats=1, min_seconds=0, epoch_steps=8)["a"][1] == 8
+        def __call__(self, steps):
+            calls.append((self.name, steps))
+            return list(self.stretches)
+
+        def evaluation(self):
+            calls.append((self.name, "evaluation"))
+            return self.evaluation_s
+
+    timings = take_turns({"a": Loop("a", [0.001, 0.003, 0.002], 0.064), "b": Loop("b", [0.01], 0.64)}, steps=30, repeats=2)
+    assert calls == [("a", 2), ("a", "evaluation"), ("b", 2), ("b", "evaluation"),  # warm-up
+                     ("a", 30), ("a", "evaluation"), ("b", 30), ("b", "evaluation"),
+                     ("a", 30), ("a", "evaluation"), ("b", 30), ("b", "evaluation")]
+    # the median stretch, plus an epoch's one evaluation shared by its 64 steps
+    assert seconds_per_step(timings["a"], epoch_steps=64) == pytest.approx(0.002 + 0.001)
+    assert seconds_per_step(timings["b"], epoch_steps=64, turn=1) == pytest.approx(0.01 + 0.01)
 
 
 NUMPY_ACTIVATIONS = {"tanh": (fast.tanh, torch.tanh), "selu": (fast.selu, torch.nn.functional.selu),
