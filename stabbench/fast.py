@@ -19,7 +19,7 @@ What the runner does to get there:
   depth 50, width 64, 8 seeds on the 2-core development VM;
 - on the CPU, numpy's tanh, selu and elu (below): 30 -> 24 ms per step, same shape (SNN: 37 -> 30);
 - on the CPU, a plain MLP's forward and backward as one autograd Function (plain_mlp,
-  below): a step 19.7 -> 16.2 ms, same shape, the same numbers to the bit;
+  below): the runner's step ~23 -> ~18 ms, same shape, the same numbers to the bit;
 - log steps: the activation statistics centre into one reused scratch tensor
   (model.MLP._layer_stats): a log step's forward 21 -> 12 ms, same shape.
 `torch.compile` does not help this shape on the GPU (performance.md); on the CPU it bought
@@ -271,8 +271,9 @@ class _BatchedLinear(torch.autograd.Function):
 # path, in the same order, so the numbers are identical; what goes is autograd's bookkeeping
 # around them: two Python Functions, their nodes and gradient accumulations per layer, and a
 # fresh tensor per activation (phi is applied in place on W x + b, which autograd cannot do for
-# a tensor it also saves). At depth 50, width 64, 8 seeds on the 2-core development VM a step
-# took 19.7 ms layer by layer and 16.2 ms so (median of 4 interleaved runs of 200 steps).
+# a tensor it also saves). At depth 50, width 64, 8 seeds on the 2-core development VM a
+# hand-written step of that network took 19.7 ms layer by layer and 16.2 ms so (4 interleaved
+# runs of 200 steps); the runner's step went from ~23 to ~18 ms.
 # MLP.forward uses it when every layer is a plain model.Linear and phi is one of these:
 # name -> (phi applied in place, d loss / d pre-activation from d loss / d output and the output).
 def _tanh_(h: torch.Tensor) -> None:
