@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor
+from torch.autograd.function import once_differentiable
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture, as torch.cuda.graphs requires
 
@@ -361,6 +362,7 @@ class _PlainMLP(torch.autograd.Function):
         return (logits, *hidden)
 
     @staticmethod
+    @once_differentiable  # the hidden activations it saves carry no history: a second derivative would be wrong
     def backward(ctx, grad, *hidden_grads):
         n = ctx.n_layers
         if grad is None:  # the logits did not reach the loss

@@ -256,6 +256,15 @@ def test_plain_mlp_gives_the_layer_by_layer_numbers(name, seeds):
             torch.testing.assert_close(plain_grads[key], layered_grads[key], **tolerance)
         with torch.no_grad():  # evaluation: the forward alone
             torch.testing.assert_close(network(x)["logits"], layered["logits"], **tolerance)
+    # a gradient wanted for the input too (the first layer's input gradient is otherwise skipped)
+    x = x.requires_grad_()
+    plain_input_grad = torch.autograd.grad(network(x)["logits"].sum(), x)[0]
+    layered_input_grad = torch.autograd.grad(network(x, keep_hidden=True)["logits"].sum(), x)[0]
+    torch.testing.assert_close(plain_input_grad, layered_input_grad, rtol=0, atol=0)
+    # a second derivative would miss the saved activations' history: refused, not wrong
+    first = torch.autograd.grad(network(x)["logits"].square().sum(), x, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        first.sum().backward()
 
 
 def ran_plain_mlp(output: torch.Tensor) -> bool:
