@@ -235,13 +235,17 @@ def run(cfg, out_dir: Path) -> dict:
         loops["reference"] = ReferenceLoop(cfg, method, data, shape, device)
     epoch_steps = len(data.x_train) // min(cfg.batch_size, len(data.x_train))  # as both loops count an epoch
     timings = take_turns(loops, steps, repeats)
+    for name, timing in timings.items():
+        if not any(timing["turns"]):  # every seed stopped before the second log step of each turn
+            raise UserError(f"the bench timed no stretch of the {name} loop: its networks diverged (NaN or inf loss) "
+                            f"before step {2 * cfg.log_every}; bench a configuration that trains (lr={cfg.lr})")
     stabbench_s = seconds_per_step(timings["stabbench"], epoch_steps) / cfg.seeds
     reference_s = seconds_per_step(timings["reference"], epoch_steps) if "reference" in timings else None
     # Each turn's pair of figures was taken back to back: their ratios show how far the
     # machine's own drift moves the result.
     ratios = None if reference_s is None else [
         seconds_per_step(timings["reference"], epoch_steps, k) * cfg.seeds / seconds_per_step(timings["stabbench"], epoch_steps, k)
-        for k in range(repeats)]
+        for k in range(repeats) if timings["reference"]["turns"][k] and timings["stabbench"]["turns"][k]]
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     evaluation_ms = {name: round(statistics.median(t["evaluations"]) * 1e3, 3) for name, t in timings.items()}
     result = {
@@ -272,6 +276,6 @@ def run(cfg, out_dir: Path) -> dict:
     table.add_row(fmt(result["reference_ms_per_step"]), fmt(result["stabbench_ms_per_step_per_model"]),
                   "-" if result["ratio"] is None else f"{result['ratio']:.2f}x")
     console.print(table)
-    spread = "" if ratios is None else f" (per repeat {min(ratios):.2f}-{max(ratios):.2f})"
+    spread = "" if not ratios else f" (per repeat {min(ratios):.2f}-{max(ratios):.2f})"
     print(f"ratio {result['ratio']}{spread}  (wrote {out_dir / 'bench.json'})", flush=True)
     return result

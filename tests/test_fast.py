@@ -109,6 +109,13 @@ def test_bench_refuses_turns_too_short_to_time(cli, tmp_path):
     assert "at least 12 steps" in err
 
 
+def test_bench_of_networks_that_diverge_at_once_is_a_clear_error(cli, tmp_path):
+    code, _, err = cli("bench", "device=cpu", "method=lyapunov", "depth=10", "width=16", "lr=1e30", "log_every=2",
+                       "bench.steps=7", "bench.repeats=1", "dataset.n_train=512", "dataset.n_test=64")
+    assert code == 2 and "\n" not in err.strip()
+    assert err.strip().startswith("stabbench: error: the bench timed no stretch of the stabbench loop") and "lr=1e+30" in err
+
+
 def test_the_bench_clock_times_stretches_between_log_steps_without_the_evaluations(monkeypatch):
     import stabbench.bench as bench
 
