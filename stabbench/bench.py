@@ -13,9 +13,10 @@ loop's clock reads the time at every log step, where both loops wait for the dev
 gives one per-step figure. The first stretch of a turn (set-up, warm-up, graph capture) is
 left out, and so is the time of any epoch's end inside a stretch: the evaluation of the test
 split is timed on its own, once per turn. A loop's ms per step = median stretch + median
-evaluation / steps per epoch. Medians of many short stretches, rather than the difference of two long runs:
-on the shared 2-core development VM the machine's speed drifts by up to 2x within seconds,
-and a difference of two runs doubles such drift (per-repeat ratios ranged 1.3x to 5.5x).
+evaluation / steps per epoch. Medians of many short stretches, rather than the difference of
+two long runs: on the shared 2-core development VM the machine's speed drifts by up to 2x
+within seconds, and a difference of two runs doubles such drift (per-repeat ratios ranged
+1.3x to 5.5x in one run; with stretches 2.7x to 3.4x).
 """
 from __future__ import annotations
 
