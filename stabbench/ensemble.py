@@ -42,12 +42,29 @@ class Ensemble:
         # The structure alone; the tensors are passed in at every call.
         self.skeleton = copy.deepcopy(models[0]).to("meta")
         self.stacked = runs_stacked(self.skeleton)
+        self.network = self._bind() if self.stacked else None
+
+    def _bind(self) -> nn.Module:
+        """A copy of the structure holding the stacked tensors themselves as its attributes,
+        called directly: functional_call swaps every tensor in and out on each call, 0.6-0.9 ms
+        of an 18 ms step at depth 50, width 64, 8 seeds on the CPU. The tensors are the same
+        objects as in `params` and `buffers` (what the optimiser updates, load_state_dict fills)."""
+        network = copy.deepcopy(self.skeleton)
+        for key, tensor in {**self.params, **self.buffers}.items():
+            module_name, _, attr = key.rpartition(".")
+            module = network.get_submodule(module_name)
+            module._parameters.pop(attr, None)
+            module._buffers.pop(attr, None)
+            setattr(module, attr, tensor)  # a plain attribute now, not a registered parameter
+        return network
 
     def _call_one(self, params, buffers, x, **kwargs):
         return functional_call(self.skeleton, (params, buffers), (x,), kwargs)
 
     def __call__(self, x: torch.Tensor, shared_input: bool = False, **kwargs):
         """x is [E, batch, features], or [batch, features] fed to every member if shared_input."""
+        if self.stacked:  # one seed too: [1, ...] tensors
+            return self.network(x.expand(self.size, *x.shape) if shared_input else x, **kwargs)
         if self.size == 1:
             # One network: call it directly on its slices. vmap costs 1.4-2x at depth 200 on the CPU
             # even for E = 1, and gradients flow through the views to the stacked tensors alike.
@@ -55,9 +72,6 @@ class Ensemble:
             buffers = {name: tensor.squeeze(0) for name, tensor in self.buffers.items()}
             out = self._call_one(params, buffers, x if shared_input else x[0], **kwargs)
             return tree_map(lambda t: t.unsqueeze(0), out)
-        if self.stacked:
-            return self._call_one(self.params, self.buffers, x.expand(self.size, *x.shape) if shared_input else x,
-                                  **kwargs)
         batched = vmap(partial(self._call_one, **kwargs), in_dims=(0, 0, None if shared_input else 0),
                        randomness="different")
         return batched(self.params, self.buffers, x)
@@ -67,6 +81,8 @@ class Ensemble:
 
     def train(self, mode: bool = True) -> "Ensemble":
         self.skeleton.train(mode)
+        if self.network is not None:
+            self.network.train(mode)
         return self
 
     def eval(self) -> "Ensemble":
