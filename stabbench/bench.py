@@ -11,7 +11,7 @@ The two take turns (`bench.repeats` turns of `bench.steps` steps each). Within a
 loop's clock reads the time at every log step, where both loops wait for the device anyway
 (the metrics are read back there): each stretch of `log_every` steps between two log steps
 gives one per-step figure. The first stretch of a turn (set-up, warm-up, graph capture) is
-left out, and so is the time of any epoch's end inside a stretch: the evaluation of the test
+left out, as is a shorter last one, and so is the time of any epoch's end inside a stretch: the evaluation of the test
 split is timed on its own, once per turn. A loop's ms per step = median stretch + median
 evaluation / steps per epoch. Medians of many short stretches, rather than the difference of
 two long runs: on the shared 2-core development VM the machine's speed drifts by up to 2x
@@ -58,17 +58,20 @@ def settle(device: torch.device) -> None:
 class Clock:
     """Per-step seconds of the stretches between a loop's log steps (see the module's text)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, log_every: int):
+        self.device, self.log_every = device, log_every
         self.last: tuple[int, float] | None = None
         self.excluded = 0.0  # seconds of evaluation inside the current stretch
         self.per_step: list[float] = []
 
     def mark(self, step: int) -> None:
-        """Right after a log step, where the host has waited for the device."""
+        """Right after a log step, where the host has waited for the device. Counted: whole
+        stretches of log_every steps, each holding one log step, after the first (which holds
+        warm-up and graph capture). A run's last step also logs; the shorter stretch before it
+        would weigh its log step more, and is left out."""
         now = time.perf_counter()
-        if self.last is not None and 0 < self.last[0] < step:  # the stretch from step 0 holds warm-up and capture
-            self.per_step.append((now - self.last[1] - self.excluded) / (step - self.last[0]))
+        if self.last is not None and self.last[0] > 0 and step - self.last[0] == self.log_every:
+            self.per_step.append((now - self.last[1] - self.excluded) / self.log_every)
         self.last, self.excluded = (step, now), 0.0
 
     def leave_out(self, function, *args) -> None:
@@ -107,7 +110,7 @@ class ReferenceLoop:
         model = self.build()
         optimizer = train.make_optimizer(cfg, list(model.parameters()), fused=False)  # torch.optim defaults
         weights, weight_names = dict(model.named_parameters()), model.weight_param_names()  # the trained matrices
-        clock, batches = Clock(device), iter(())
+        clock, batches = Clock(device, cfg.log_every), iter(())
         settle(device)
         with fast.torch_kernels_only():
             for step in range(steps):
@@ -175,7 +178,7 @@ class RunnerLoop:
         with open_dict(self.cfg):
             self.cfg.max_steps = steps
         run = train.Run(self.cfg, self.out_dir)
-        clock, log_step, end_epoch = Clock(run.device), run.log_step, run.end_epoch
+        clock, log_step, end_epoch = Clock(run.device, self.cfg.log_every), run.log_step, run.end_epoch
 
         def timed_log_step(stage, state, step, *args):  # the clock reads after the log step's read-back
             log_step(stage, state, step, *args)
@@ -219,9 +222,9 @@ def seconds_per_step(timing: dict, epoch_steps: int, turn: int | None = None) ->
 def run(cfg, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     steps, repeats = cfg.bench.steps, cfg.bench.repeats
-    if steps < cfg.log_every + 2:
+    if steps < 2 * cfg.log_every + 1:
         raise UserError(f"bench.steps={steps} is too few: the bench times the stretches between log steps after "
-                        f"the first, so with log_every={cfg.log_every} a turn needs at least {cfg.log_every + 2} steps")
+                        f"the first, so with log_every={cfg.log_every} a turn needs at least {2 * cfg.log_every + 1} steps")
     device = train.resolve_device(cfg.device)
     method = methods.create(cfg.method)
     data = datasets.load(cfg.dataset, device)

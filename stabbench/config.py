@@ -42,7 +42,7 @@ class ProbeConfig:
 
 @dataclass
 class BenchConfig:
-    steps: int = 60  # steps per turn: timed between log steps, from the second one on
+    steps: int = 61  # steps per turn: timed between log steps, from the second one on (61: 5 stretches of 10)
     repeats: int = 7  # turns of each loop, taken alternately
     reference: bool = True  # also time the tutorial-style reference loop
 

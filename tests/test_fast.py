@@ -104,9 +104,9 @@ def test_the_same_bench_twice_keeps_both_results(cli, tmp_path):
 
 
 def test_bench_refuses_turns_too_short_to_time(cli, tmp_path):
-    code, _, err = cli("bench", "device=cpu", "log_every=10", "bench.steps=11")
-    assert code == 2 and err.strip().startswith("stabbench: error: bench.steps=11 is too few") and "\n" not in err.strip()
-    assert "at least 12 steps" in err
+    code, _, err = cli("bench", "device=cpu", "log_every=10", "bench.steps=20")
+    assert code == 2 and err.strip().startswith("stabbench: error: bench.steps=20 is too few") and "\n" not in err.strip()
+    assert "at least 21 steps" in err
 
 
 def test_bench_of_networks_that_diverge_at_once_is_a_clear_error(cli, tmp_path):
@@ -125,7 +125,7 @@ def test_the_bench_clock_times_stretches_between_log_steps_without_the_evaluatio
     def evaluation():
         now[0] += 0.5
 
-    clock = bench.Clock(torch.device("cpu"))
+    clock = bench.Clock(torch.device("cpu"), log_every=10)
     clock.mark(0)
     now[0] = 3.0
     clock.mark(10)  # the stretch from step 0 (set-up, warm-up, capture) is left out
@@ -133,9 +133,11 @@ def test_the_bench_clock_times_stretches_between_log_steps_without_the_evaluatio
     clock.leave_out(evaluation)  # an epoch's end: 3.05 -> 3.55 is not the loop's time
     now[0] = 3.75
     clock.mark(20)  # (3.75 - 3.0 - 0.5) / 10
-    now[0] = 3.85
-    clock.mark(25)  # the last step: (3.85 - 3.75) / 5
-    assert clock.per_step == [pytest.approx(0.025), pytest.approx(0.02)]
+    now[0] = 4.05
+    clock.mark(30)  # (4.05 - 3.75) / 10
+    now[0] = 4.15
+    clock.mark(33)  # the run's last step: a 3-step stretch with a whole log step in it, left out
+    assert clock.per_step == [pytest.approx(0.025), pytest.approx(0.03)]
 
 
 def test_the_bench_alternates_the_loops_and_adds_evaluation_per_epoch_step():
