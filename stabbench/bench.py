@@ -2,7 +2,8 @@
 
 Times, in one process, on the same shape, device and method:
 - reference: the tutorial way — a DataLoader over CPU tensors, one eager nn.Module per
-  seed, an optimiser step per batch, the same diagnostics at log steps (per-layer
+  seed, an optimiser step per batch, the running loss and accuracy read back every step
+  (the runner's train rows carry both), the same diagnostics at log steps (per-layer
   activation statistics and gradient norms via torch._foreach_norm), and the test split
   evaluated at the end of every epoch, as the runner does;
 - stabbench: the runner's own training loop (train.Run.train_stage) with `seeds` seeds as
@@ -132,6 +133,8 @@ class ReferenceLoop:
                     _ = [float(g) for g in grad_norms] + [float(out["act_std"].detach().sum())]  # a user prints these
                 optimizer.step()
                 loss.item()  # the tutorial's running-loss print: one sync per step
+                if data.task == "classification":  # and its running accuracy, as the runner's train rows carry
+                    (out["logits"].argmax(1) == y).sum().item()
                 if record:
                     clock.mark(step)
         return clock.per_step
