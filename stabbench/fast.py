@@ -20,6 +20,8 @@ What the runner does to get there:
 - on the CPU, numpy's tanh, selu and elu (below): 30 -> 24 ms per step, same shape (SNN: 37 -> 30);
 - on the CPU, a plain MLP's forward and backward as one autograd Function (plain_mlp,
   below): the runner's step ~23 -> ~18 ms, same shape, the same numbers to the bit;
+- a stacked network bound to the stacked tensors once, called without functional_call
+  (ensemble.Ensemble._bind): 0.6-0.9 ms of an 18 ms step, same shape;
 - log steps: the activation statistics centre into one reused scratch tensor
   (model.MLP._layer_stats): a log step's forward 21 -> 12 ms, same shape.
 `torch.compile` does not help this shape on the GPU (performance.md); on the CPU it bought
