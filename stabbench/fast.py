@@ -268,7 +268,6 @@ class _BatchedLinear(torch.autograd.Function):
                 grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None)
 
 
-
 # A plain MLP on the CPU as one autograd Function: every hidden layer phi(W x + b), weights
 # [E, out, in] (seeds stacked) or [out, in] (one network). The same kernels as the layer-by-layer
 # path, in the same order, so the numbers are identical; what goes is autograd's bookkeeping
