@@ -39,7 +39,8 @@ class Ensemble:
     def __init__(self, models: list[nn.Module]):
         self.size = len(models)
         self.params, self.buffers = stack_module_state(models)
-        # The structure alone; the tensors are passed in at every call.
+        # The structure alone: the tensors are passed in at every call (vmap, one network), or
+        # bound once into `network` when it runs stacked.
         self.skeleton = copy.deepcopy(models[0]).to("meta")
         self.stacked = runs_stacked(self.skeleton)
         self.network = self._bind() if self.stacked else None

@@ -202,6 +202,11 @@ def _numpy_elu(values: np.ndarray, result: np.ndarray, alpha: float, scale: floa
     result += negative
 
 
+def _elu_grad(grad: torch.Tensor, out: torch.Tensor, alpha: float, scale: float) -> torch.Tensor:
+    """torch's own elu backward from the output: grad * scale where out > 0, else grad * (out + alpha * scale)."""
+    return torch.ops.aten.elu_backward(grad, alpha, scale, 1.0, True, out)
+
+
 class _NumpyELU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha: float, scale: float):
@@ -214,8 +219,7 @@ class _NumpyELU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
-        # torch's own elu backward from the output: grad * scale where out > 0, else grad * (out + alpha * scale)
-        return torch.ops.aten.elu_backward(grad, ctx.alpha, ctx.scale, 1.0, True, out), None, None
+        return _elu_grad(grad, out, ctx.alpha, ctx.scale), None, None
 
 
 class _VmappedLinear(torch.autograd.Function):
@@ -296,9 +300,8 @@ def _elu_(h: torch.Tensor, alpha: float, scale: float) -> None:
 
 IN_PLACE_ACTIVATIONS = {
     "tanh": (_tanh_, torch.ops.aten.tanh_backward),
-    "selu": (lambda h: _elu_(h, SELU_ALPHA, SELU_SCALE),
-             lambda grad, out: torch.ops.aten.elu_backward(grad, SELU_ALPHA, SELU_SCALE, 1.0, True, out)),
-    "elu": (lambda h: _elu_(h, 1.0, 1.0), lambda grad, out: torch.ops.aten.elu_backward(grad, 1.0, 1.0, 1.0, True, out)),
+    "selu": (lambda h: _elu_(h, SELU_ALPHA, SELU_SCALE), lambda grad, out: _elu_grad(grad, out, SELU_ALPHA, SELU_SCALE)),
+    "elu": (lambda h: _elu_(h, 1.0, 1.0), lambda grad, out: _elu_grad(grad, out, 1.0, 1.0)),
     "relu": (torch.relu_, lambda grad, out: torch.ops.aten.threshold_backward(grad, out, 0)),
     "linear": (lambda h: None, lambda grad, out: grad),
 }
