@@ -570,7 +570,13 @@ def _finite_float(text: str) -> float:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="stabbench report",
-        description="Tables and figures from the runs and sweeps under PATH (searched recursively).")
+        description="Tables and figures from the runs and sweeps under PATH (searched recursively).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  stabbench report results/sweeps/<time>                   # writes <time>/report/\n"
+               "  stabbench report results/runs/a results/runs/b --out cmp # several paths need --out\n"
+               "  stabbench report results/sweeps/<time> --target-loss 0.5 # also steps to loss <= 0.5\n"
+               "files and figures: docs/report.md")
     parser.add_argument("paths", nargs="+", metavar="PATH", type=Path, help="run or sweep directories")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="where to write (default PATH/report; required with several PATHs)")
