@@ -17,7 +17,7 @@ from stabbench.methods.base import Shape
 from stabbench.methods.bsnn import Config, GPNActivation, gpn_constants
 from stabbench.train import build_ensemble
 
-# ../shared/methods.md section 4 (the paper's Table), gelu as x * sigmoid(1.702 x).
+# The paper's table (Lu, Gould, Ajanthan 2023; docs/methods/bsnn.md), gelu as x * sigmoid(1.702 x).
 PUBLISHED = {
     "tanh": (1.4674, 0.3885),
     "relu": (1.4142, 0.0),

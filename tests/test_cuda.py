@@ -1,7 +1,7 @@
 """The CUDA path: device=cuda with the whole step captured as one CUDA graph (fast.py).
 
 These need a GPU, so CI (which has none) skips them; they ran on an H100 through the
-device tool (README, Speed). Every method must capture (trainer.cuda_graph=on makes a
+device tool (docs/speed.md). Every method must capture (trainer.cuda_graph=on makes a
 failed capture an error instead of an eager fallback), and the graphed step must give the
 eager step's numbers and the CPU's, so the speed trick changes nothing but the speed.
 """
