@@ -73,9 +73,10 @@ def tracked_text_files(root: Path = ROOT) -> list[Path]:
 
 
 def outside_paths(path: Path, root: Path = ROOT) -> list[str]:
-    """`../x` paths in a file that leave the repository. Comments cite paths from the
-    repository root as often as from their own folder: a path is fine when, read from the
-    file's folder, it stays inside and exists; read from the root it must stay inside."""
+    """Parent-relative paths (starting `..` and a slash) in a file that leave the repository.
+    Comments cite paths from the repository root as often as from their own folder: a path
+    is fine when, read from the file's folder, it stays inside and exists; read from the
+    root, it must stay inside."""
     found, inside = [], root.resolve()
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         for token in PARENT_PATH.findall(line):
