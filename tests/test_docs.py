@@ -141,6 +141,53 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     assert outside_paths(code, tmp_path) == [f"docs/m.py:1: {up}shared/methods.md", f"docs/m.py:3: {up}{up}elsewhere.md"]
 
 
+COMMAND = re.compile(r"(?:^|`|\s)(stabbench (run|probe|bench) [^`#\\]*)")
+CONFIG_OF = {"run": "config", "probe": "probe", "bench": "bench"}
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(page, command) for every concrete `stabbench run|probe|bench ...` in README.md and
+    docs/: placeholders (`<sweep>`, `...`, `[overrides]`) and GPU-only lines left out."""
+    found = {}
+    for page in markdown_files():
+        for line in page.read_text(encoding="utf-8").splitlines():
+            match = COMMAND.search(line)
+            command = match and match.group(1).strip()
+            if not command or any(mark in command for mark in ("<", "...", "[", "--help", "key=")):
+                continue
+            found.setdefault(command, str(page.relative_to(ROOT)))
+    return [(page, command) for command, page in found.items()]
+
+
+def test_documented_commands_compose_and_pass_the_checks(tmp_path, monkeypatch):
+    """Each command the docs show is one stabbench accepts: known keys, types, ranges (the
+    up-front checks of `stabbench run`, without running anything)."""
+    import shlex
+
+    import torch
+
+    from stabbench.app import find_bad_config
+    from stabbench.config import validate
+    from stabbench.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    commands = documented_commands()
+    assert len(commands) > 30  # the pattern still finds the docs' commands
+    bad = []
+    for page, command in commands:
+        words = shlex.split(command)
+        if "device=cuda" in words and not torch.cuda.is_available():
+            continue
+        # one point of a sweep is enough to catch a bad key or value, at a fraction of the cost
+        args = [w if "[" in w else re.sub(r"=([^,]*),.*", r"=\1", w) for w in words[2:]
+                if w not in ("-m", "--cfg", "job")]
+        try:
+            find_bad_config(args, CONFIG_OF[words[1]], validate)
+        except UserError as error:
+            bad.append(f"{page}: {command}: {error}")
+    assert not bad, bad
+
+
 # -- the built-in help ---------------------------------------------------------------------
 
 def group_section(help_text: str) -> dict[str, list[str]]:
