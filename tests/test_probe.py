@@ -20,7 +20,8 @@ from stabbench.methods.base import Shape
 from stabbench.methods.lyapunov import he_variance, lyapunov_exponent
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ["network", "seed", "layer", "kind", "act_mean", "act_std", "act_log_norm", "grad_norm"]
+COLUMNS = ["network", "seed", "layer", "kind", "act_mean", "act_std", "act_log_norm", "grad_norm", "log_grad_norm",
+           "homogeneous"]
 
 
 def config(*overrides, hydra=False):
@@ -83,7 +84,7 @@ def test_probe_figures_match_a_direct_computation(tmp_path):
     summary = probe_run(tmp_path, *overrides)
     layers = pd.read_csv(next(tmp_path.glob("*/probe_layers.csv")))
     cfg = config(*overrides)
-    x, targets, task, n_outputs, _ = probe.probe_batch(cfg, torch.device("cpu"))
+    x, targets, task, n_outputs, _, _ = probe.probe_batch(cfg, torch.device("cpu"))
     method = methods.create(cfg.method)
     for network, seed in enumerate((2, 3)):
         torch.manual_seed(seed)
@@ -154,3 +155,48 @@ def test_gpn_gradient_ratio_at_the_papers_shape(tmp_path):
     tanh = probe_run(tmp_path, "method=bsnn", "depth=200", "width=500", "probe.networks=4",
                      "probe.batch_size=32")["grad_norm_ratio"]  # the default GPN-tanh net
     assert tanh["max"] < 5, tanh
+
+
+# He's exponent at small widths is the Lyapunov paper's regime: at width 2 a net loses
+# ~1.4 nats a layer, so float32 activations are gone by layer 60 and float64 ones by 500.
+NARROW = [(2, 100), (4, 100), (16, 100), pytest.param(2, 600, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("width,depth", NARROW, ids=lambda v: str(v))
+def test_growth_matches_the_theory_in_narrow_deep_nets(tmp_path, width, depth):
+    common = (f"depth={depth}", f"width={width}", "probe.networks=16", "probe.batch_size=16",
+              "dataset=synthetic_regression")
+    he = probe_run(tmp_path, "method=baseline", "method.activation=leaky_relu", "method.init=he", *common)
+    theory = lyapunov_exponent(width, 0.01, math.sqrt(he_variance(0.01)), "gaussian")  # -1.435 at width 2
+    he_rate = he["lyapunov_exponent"]
+    assert abs(he_rate["mean"] - theory) < 3 * he_rate["se"], (he_rate, theory)
+    lyapunov = probe_run(tmp_path, "method=lyapunov", *common)["lyapunov_exponent"]
+    assert abs(lyapunov["mean"]) < 3 * lyapunov["se"], lyapunov
+    # every hidden layer's gradient norm is a finite number, so the ratio over them is too
+    layers = pd.read_csv(next(tmp_path.glob("*method.init=he*/probe_layers.csv")))
+    assert np.isfinite(layers[layers.kind == "hidden"].log_grad_norm).all()
+    assert he["grad_norm_ratio"]["median"] is not None
+
+
+def test_log_norms_and_gradient_norms_equal_float64_autograd(tmp_path):
+    """Depth 60 at width 2: float32 underflows (~e^-86) but float64 does not, so plain float64
+    autograd on the same draws is an independent reference for the renormalised figures."""
+    overrides = ("method=baseline", "method.activation=leaky_relu", "method.init=he", "depth=60", "width=2",
+                 "probe.networks=2", "probe.batch_size=8", "seed=3")
+    probe_run(tmp_path, *overrides)
+    layers = pd.read_csv(next(tmp_path.glob("*/probe_layers.csv")))
+    cfg = config(*overrides)
+    x, targets, task, n_outputs, _, _ = probe.probe_batch(cfg, torch.device("cpu"))
+    method = methods.create(cfg.method)
+    for network, seed in enumerate((3, 4)):
+        torch.manual_seed(seed)
+        model = method.build(Shape(x.shape[1], n_outputs, 60, 2)).double()
+        out = model(x.double(), keep_hidden=True)
+        rows = layers[layers.network == network]
+        log_norms = [float(h.detach().norm(dim=1).log().mean()) for h in out["hidden"]]
+        assert log_norms[-1] < -60  # below float32's range
+        assert rows.act_log_norm.iloc[:60].to_numpy() == pytest.approx(log_norms, abs=1e-8)
+        torch.nn.functional.cross_entropy(out["logits"], targets).backward()
+        log_grads = [float(layer.weight.grad.norm().log()) for layer in model.layers]
+        assert rows.log_grad_norm.to_numpy() == pytest.approx(log_grads, abs=1e-8)
+        assert (rows.homogeneous == 1).all()
