@@ -200,3 +200,26 @@ def test_log_norms_and_gradient_norms_equal_float64_autograd(tmp_path):
         log_grads = [float(layer.weight.grad.norm().log()) for layer in model.layers]
         assert rows.log_grad_norm.to_numpy() == pytest.approx(log_grads, abs=1e-8)
         assert (rows.homogeneous == 1).all()
+
+
+def test_jacobian_with_batch_norm_is_the_map_at_initialisation(tmp_path):
+    """Batch norm in eval mode with the running statistics as built (mean 0, variance 1): the
+    probe's train-mode forward must not have moved them before the Jacobian is taken."""
+    overrides = ("method=bsnn", "method.batch_norm=true", "depth=3", "width=12", "probe.networks=2",
+                 "probe.batch_size=16", "seed=5")
+    summary = probe_run(tmp_path, *overrides)
+    cfg = config(*overrides)
+    x, _, _, n_outputs, _, _ = probe.probe_batch(cfg, torch.device("cpu"))
+    method = methods.create(cfg.method)
+    expected = []
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        model = method.build(Shape(x.shape[1], n_outputs, 3, 12)).double().eval()
+        for example in x[:probe.JACOBIAN_EXAMPLES].double():
+            jac = torch.autograd.functional.jacobian(lambda e: model(e[None])["logits"][0], example)
+            expected.append(torch.linalg.svdvals(jac)[:10])
+    expected = torch.stack(expected)
+    jac = summary["jacobian_singular_values"]
+    assert jac["mean"] == pytest.approx(float(expected.mean()), rel=1e-9)
+    assert jac["min"] == pytest.approx(float(expected.min()), rel=1e-9)
+    assert jac["max"] == pytest.approx(float(expected.max()), rel=1e-9)
