@@ -404,3 +404,52 @@ def print_table(summary: dict, out_dir: Path) -> None:
     table.add_row("time", f"{summary['wall_time_s']:.1f} s on {summary['device']}")
     console.print(table)
     print(f"wrote {out_dir}", flush=True)
+
+
+def write_sweep_figure(sweep_dir: Path | str) -> Path | None:
+    """After `stabbench probe -m ...`: every probe of the sweep in one figure, <sweep dir>/probe_sweep.png.
+    One line per probe (the median over its draws), labelled by the config keys that differ
+    between the probes: forward log-norms on the left, weight-gradient norms on the right."""
+    import io
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stabbench.plots import palette
+    from stabbench.report import _flatten_config
+
+    sweep_dir = Path(sweep_dir)
+    found = sorted(p.parent for p in sweep_dir.glob("*/probe.json"))
+    if not found:
+        return None
+    summaries = [json.loads((d / "probe.json").read_text()) for d in found]
+    config = _flatten_config([s["config"] for s in summaries])
+    varying = [c for c in config.columns if config[c].nunique(dropna=True) > 1 and not c.startswith("hydra.")]
+    labels = [", ".join(f"{c.removeprefix('method.')}={config[c].iloc[i]}" for c in varying) or s["method"]
+              for i, s in enumerate(summaries)]
+    colors = palette(labels)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for directory, label in zip(found, labels):
+        layers = pd.read_csv(directory / "probe_layers.csv")
+        for ax, key in zip(axes, ("act_log_norm", "log_grad_norm")):
+            per_layer = (layers[key] / math.log(10)).groupby(layers["layer"])
+            ax.plot(per_layer.median().index, per_layer.median(), color=colors[label], linewidth=1.5, label=label)
+            ax.fill_between(per_layer.min().index, per_layer.min(), per_layer.max(), color=colors[label], alpha=0.15)
+    axes[0].set_ylabel("log10 ||x_l||, mean over examples")
+    axes[1].set_ylabel("log10 ||dE/dW_l||_F")
+    for ax in axes:
+        ax.set_xlabel("layer")
+        ax.grid(True, alpha=0.3)
+    axes[1].legend(loc="best", fontsize=8)
+    first = summaries[0]
+    fig.suptitle(f"probe sweep: depth {first['depth']}, width {first['width']}, {first['networks']} draws each "
+                 f"(line: median, band: min to max), error: {first.get('error', 'loss')}", fontsize=11)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    path = sweep_dir / "probe_sweep.png"
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
