@@ -223,3 +223,35 @@ def test_jacobian_with_batch_norm_is_the_map_at_initialisation(tmp_path):
     assert jac["mean"] == pytest.approx(float(expected.mean()), rel=1e-9)
     assert jac["min"] == pytest.approx(float(expected.min()), rel=1e-9)
     assert jac["max"] == pytest.approx(float(expected.max()), rel=1e-9)
+
+
+def test_gaussian_error_is_backpropagated_from_the_last_hidden_layer(tmp_path):
+    """probe.error=gaussian: E = sum over examples of e_i . x_depth,i with e ~ N(0, I) drawn
+    independently of the forward pass; no output layer, no loss (the BSNN paper's synthetic setting)."""
+    overrides = ("method=bsnn", "method.activation=selu", "depth=5", "width=12", "dataset.features=12",
+                 "probe.networks=2", "probe.batch_size=8", "seed=1", "probe.error=gaussian")
+    summary = probe_run(tmp_path, *overrides)
+    assert summary["error"] == "gaussian"
+    layers = pd.read_csv(next(tmp_path.glob("*/probe_layers.csv")))
+    cfg = config(*overrides)
+    x, _, _, n_outputs, _, error = probe.probe_batch(cfg, torch.device("cpu"))
+    assert error.shape == (8, 12) and torch.equal(x, probe.probe_batch(config(*overrides[:-1]), torch.device("cpu"))[0])
+    method = methods.create(cfg.method)
+    for network, seed in enumerate((1, 2)):
+        torch.manual_seed(seed)
+        model = method.build(Shape(12, n_outputs, 5, 12)).double()
+        hidden = model(x.double(), keep_hidden=True)["hidden"]
+        (error.double() * hidden[-1]).sum().backward()
+        params = dict(model.named_parameters())
+        expected = [float(params[name].grad.norm().log()) for name in model.weight_param_names()[:-1]]
+        rows = layers[layers.network == network]
+        assert rows.log_grad_norm.iloc[:5].to_numpy() == pytest.approx(expected, abs=1e-9)
+        assert np.isnan(rows.log_grad_norm.iloc[5]) and rows.kind.iloc[5] == "output"  # no output layer in E
+
+
+def test_bad_error_mode_is_a_one_line_error(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "stabbench.cli", "probe", "probe.error=uniform", "device=cpu",
+                           f"hydra.run.dir={tmp_path / 'p'}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and not (tmp_path / "p").exists()
+    assert done.stderr.strip().splitlines() == [
+        "stabbench: error: probe.error='uniform' is not allowed; choose one of: loss, gaussian"]
