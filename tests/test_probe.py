@@ -36,6 +36,15 @@ def probe_run(tmp_path, *overrides) -> dict:
     return probe.run(config(*overrides), out)
 
 
+def probe_with_its_batch(tmp_path, *overrides):
+    """(probe.json, probe_layers.csv, the probe's batch (x, targets, task, n_outputs, source,
+    error), the method) for a direct computation on the same draws."""
+    summary = probe_run(tmp_path, *overrides)
+    layers = pd.read_csv(next(tmp_path.glob("*/probe_layers.csv")))
+    cfg = config(*overrides)
+    return summary, layers, probe.probe_batch(cfg, torch.device("cpu")), methods.create(cfg.method)
+
+
 def test_probe_command_writes_its_files(tmp_path):
     out = tmp_path / "probe"
     done = subprocess.run([sys.executable, "-m", "stabbench.cli", "probe", "depth=5", "width=8", "probe.networks=3",
@@ -81,11 +90,7 @@ def test_probe_outputs_go_under_results_probes_unless_overridden():
 def test_probe_figures_match_a_direct_computation(tmp_path):
     overrides = ("method=baseline", "method.activation=linear", "depth=3", "width=12", "probe.networks=2",
                  "probe.batch_size=16", "seed=2")
-    summary = probe_run(tmp_path, *overrides)
-    layers = pd.read_csv(next(tmp_path.glob("*/probe_layers.csv")))
-    cfg = config(*overrides)
-    x, targets, task, n_outputs, _, _ = probe.probe_batch(cfg, torch.device("cpu"))
-    method = methods.create(cfg.method)
+    summary, layers, (x, targets, _, n_outputs, _, _), method = probe_with_its_batch(tmp_path, *overrides)
     for network, seed in enumerate((2, 3)):
         torch.manual_seed(seed)
         model = method.build(Shape(x.shape[1], n_outputs, 3, 12))
@@ -183,11 +188,7 @@ def test_log_norms_and_gradient_norms_equal_float64_autograd(tmp_path):
     autograd on the same draws is an independent reference for the renormalised figures."""
     overrides = ("method=baseline", "method.activation=leaky_relu", "method.init=he", "depth=60", "width=2",
                  "probe.networks=2", "probe.batch_size=8", "seed=3")
-    probe_run(tmp_path, *overrides)
-    layers = pd.read_csv(next(tmp_path.glob("*/probe_layers.csv")))
-    cfg = config(*overrides)
-    x, targets, task, n_outputs, _, _ = probe.probe_batch(cfg, torch.device("cpu"))
-    method = methods.create(cfg.method)
+    _, layers, (x, targets, _, n_outputs, _, _), method = probe_with_its_batch(tmp_path, *overrides)
     for network, seed in enumerate((3, 4)):
         torch.manual_seed(seed)
         model = method.build(Shape(x.shape[1], n_outputs, 60, 2)).double()
@@ -207,10 +208,7 @@ def test_jacobian_with_batch_norm_is_the_map_at_initialisation(tmp_path):
     probe's train-mode forward must not have moved them before the Jacobian is taken."""
     overrides = ("method=bsnn", "method.batch_norm=true", "depth=3", "width=12", "probe.networks=2",
                  "probe.batch_size=16", "seed=5")
-    summary = probe_run(tmp_path, *overrides)
-    cfg = config(*overrides)
-    x, _, _, n_outputs, _, _ = probe.probe_batch(cfg, torch.device("cpu"))
-    method = methods.create(cfg.method)
+    summary, _, (x, _, _, n_outputs, _, _), method = probe_with_its_batch(tmp_path, *overrides)
     expected = []
     for seed in (5, 6):
         torch.manual_seed(seed)
@@ -230,13 +228,9 @@ def test_gaussian_error_is_backpropagated_from_the_last_hidden_layer(tmp_path):
     independently of the forward pass; no output layer, no loss (the BSNN paper's synthetic setting)."""
     overrides = ("method=bsnn", "method.activation=selu", "depth=5", "width=12", "dataset.features=12",
                  "probe.networks=2", "probe.batch_size=8", "seed=1", "probe.error=gaussian")
-    summary = probe_run(tmp_path, *overrides)
+    summary, layers, (x, _, _, n_outputs, _, error), method = probe_with_its_batch(tmp_path, *overrides)
     assert summary["error"] == "gaussian"
-    layers = pd.read_csv(next(tmp_path.glob("*/probe_layers.csv")))
-    cfg = config(*overrides)
-    x, _, _, n_outputs, _, error = probe.probe_batch(cfg, torch.device("cpu"))
     assert error.shape == (8, 12) and torch.equal(x, probe.probe_batch(config(*overrides[:-1]), torch.device("cpu"))[0])
-    method = methods.create(cfg.method)
     for network, seed in enumerate((1, 2)):
         torch.manual_seed(seed)
         model = method.build(Shape(12, n_outputs, 5, 12)).double()
