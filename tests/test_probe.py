@@ -249,3 +249,18 @@ def test_bad_error_mode_is_a_one_line_error(tmp_path):
     assert done.returncode == 2 and not (tmp_path / "p").exists()
     assert done.stderr.strip().splitlines() == [
         "stabbench: error: probe.error='uniform' is not allowed; choose one of: loss, gaussian"]
+
+
+def test_a_probe_sweep_draws_its_probes_together(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, "-m", "stabbench.cli", "probe", "-m", "method=bsnn", "method.gpn=true,false",
+                           "depth=4", "width=8", "probe.networks=2", "probe.batch_size=8", "probe.error=gaussian",
+                           "device=cpu", f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list(sweep.glob("*/probe.json"))) == 2 and f"wrote {sweep / 'probe_sweep.png'}" in done.stdout
+    from PIL import Image
+
+    with Image.open(sweep / "probe_sweep.png") as image:
+        image.verify()
+    assert not (sweep / "report").exists()  # no training runs: no report
