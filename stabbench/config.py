@@ -38,7 +38,7 @@ class TrainerConfig:
 class ProbeConfig:
     networks: int = 16  # independent draws of the network
     batch_size: int = 64  # 64 x width values per layer: ample for the statistics, 4x cheaper than 256
-    error: str = "loss"  # loss: the task loss's error through the output layer | gaussian: N(0, I) at the last hidden layer
+    error: str = "loss"  # loss: the task loss's, through the output layer | gaussian: N(0, I) at the last hidden layer
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 Builds `probe.networks` draws of the network exactly as `stabbench run` would (seeds
 seed .. seed+n-1, one batched model), pushes one batch forward (the dataset's, or
-standard-normal inputs for the synthetic datasets) and the loss's error backward, and
-writes probe_layers.csv, probe.json and probe.png. The method is reached only through
+standard-normal inputs for the synthetic datasets) and an error backward (the loss's, or
+with probe.error=gaussian a standard-normal one at the last hidden layer), renormalised
+layer by layer so that no figure underflows at any depth, and writes probe_layers.csv,
+probe.json and probe.png (and after a sweep, probe_sweep.png). The method is reached only through
 its interface (build, constants), so the probe works for every method.
 """
 from __future__ import annotations
@@ -173,13 +175,17 @@ def propagate(model, x: torch.Tensor, targets: torch.Tensor, task: str, error: t
         for index in range(n_layers):
             apply = _layer_map(model, index)
             scaled = _positively_homogeneous(apply, unit)
-            inputs, input_scale = (unit, log_scale) if scaled else (unit * log_scale.exp()[:, None], torch.zeros_like(log_scale))
+            if scaled:
+                inputs, input_scale = unit, log_scale
+            else:
+                inputs, input_scale = unit * log_scale.exp()[:, None], torch.zeros_like(log_scale)
             state = _rng_state(device)
             unit, output_log_norm = _unit_rows(apply(inputs))
             log_scale = input_scale + output_log_norm
             saved.append((inputs, input_scale, state))
             log_norms.append(log_scale.mean())
             homogeneous.append(float(scaled))
+    after_forward = _rng_state(device)  # the backward replays earlier draws: the next draw must not
 
     log_grad = torch.full((n_layers,), float("nan"), dtype=torch.float64)
     if error is None:
@@ -206,6 +212,7 @@ def propagate(model, x: torch.Tensor, targets: torch.Tensor, task: str, error: t
         if index > 0:
             norm = grad_input.norm()
             direction, grad_scale = grad_input / norm, grad_scale + norm.log()
+    _set_rng_state(after_forward, device)
     return {"act_log_norm": torch.stack(log_norms).numpy(), "log_grad_norm": log_grad.detach().numpy(),
             "homogeneous": np.array(homogeneous)}
 

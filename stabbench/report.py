@@ -524,7 +524,8 @@ def write_index(out_dir: Path, readable: pd.DataFrame, runs: pd.DataFrame, figur
         "<h2>Results</h2>",
         readable.to_html(index=False, border=0, na_rep="-", escape=True),
         "<p>mean ± std over the seeds that finished without diverging; n counts finished seeds, "
-        "diverged ones included; the diverged column says how many of them diverged and are left out of every mean.</p>",
+        "diverged ones included; the diverged column says how many of them diverged: "
+        "they are left out of every mean.</p>",
     ]
     shown = [f for f in figures if (out_dir / f).exists()]
     if shown:

@@ -466,9 +466,10 @@ def summarize(run: Run, finished: list[tuple[Stage, StageResult]]) -> list[dict]
             "config": run.config,
         }
         if len(finished) > 1:
-            summary["stages"] = [{"stage": s.index, "depth": s.depth, "epochs": e[1], "steps": e[0],
+            summary["stages"] = [{"stage": s.index, "depth": s.depth, "epochs": epochs, "steps": steps,
                                   "train_loss": r.train_loss[k], "test_loss": r.test_loss[k],
-                                  "test_acc": None if r.test_acc is None else r.test_acc[k]} for (s, r), e in zip(finished, extents)]
+                                  "test_acc": None if r.test_acc is None else r.test_acc[k]}
+                                 for (s, r), (steps, epochs, _) in zip(finished, extents)]
         summaries.append(finite_or_none(summary))
     return summaries
 

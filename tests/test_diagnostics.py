@@ -75,7 +75,8 @@ def test_grad_norm_ratio_is_over_square_layers_only():
 
 def stabilized(p, i, x):
     beta = p[f"layers.{i}.beta_param"].exp()  # the paper's parametrization: beta = exp(B)
-    return beta * (x @ p[f"layers.{i}.unscaled_weight"].T) + p[f"layers.{i}.bias"], beta * p[f"layers.{i}.unscaled_weight"]
+    w = p[f"layers.{i}.unscaled_weight"]
+    return beta * (x @ w.T) + p[f"layers.{i}.bias"], beta * w
 
 
 def row_normalised(p, i, x):
