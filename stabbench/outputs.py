@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-METRICS_COLUMNS = ["step", "epoch", "stage", "seed", "split", "loss", "acc", "time_s"]
-LAYER_COLUMNS = ["step", "epoch", "stage", "seed", "layer", "kind", "grad_norm", "weight_norm", "act_mean", "act_std"]
+METRICS_COLUMNS = ["step", "epoch", "stage", "seed", "lr", "split", "loss", "acc", "time_s"]
+LAYER_COLUMNS = ["step", "epoch", "stage", "seed", "lr", "layer", "kind", "grad_norm", "weight_norm", "act_mean", "act_std"]
 
 
 def finite_or_none(value):
