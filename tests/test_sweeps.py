@@ -37,7 +37,7 @@ def sweep_cli(tmp_path, monkeypatch, capfd):
     launcher's worker processes print is seen too."""
     monkeypatch.chdir(tmp_path)
     # the sweep's report is tested in test_report; its figures only cost seconds here
-    monkeypatch.setattr(report, "write_figures", lambda run_set, out_dir: [])
+    monkeypatch.setattr(report, "write_figures", lambda run_set, out_dir, *shown: [])
     shut_down_joblib_workers()
     call = in_process_cli(capfd)
     yield call
