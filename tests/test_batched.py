@@ -49,7 +49,8 @@ def test_a_diverging_seed_stops_alone(tmp_path, monkeypatch):
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     assert metrics[metrics.seed == 1].step.max() < metrics[metrics.seed == 0].step.max()
     assert np.isfinite(metrics[metrics.seed != 1].loss).all()
-    assert summaries[0]["steps"] == 8 and summaries[0]["test_loss"] is not None
+    # 461 of the 512 examples train (dataset.validation=0.1 holds 51 out): 3 steps an epoch, 2 epochs
+    assert summaries[0]["steps"] == 6 and summaries[0]["test_loss"] is not None
 
 
 VARIANTS = [("baseline",), ("snn", "method.alpha_dropout=0.1"), ("bsnn",), ("bsnn", "method.constraint=none"),
