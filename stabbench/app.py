@@ -101,6 +101,10 @@ def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> No
                 for value in values:
                     if value not in options and value != "null":
                         raise UserError(f"{override.key_or_group}={value!r} is unknown; choose one of: {', '.join(options)}")
+        if args.multirun:
+            # A search space for a tuning sweeper (Optuna: lr=tag(log,interval(1e-4,1e-1))) is checked at its ends.
+            parsed = [parsed_override(f"{o.get_key_element()}=choice({o.value().start},{o.value().end})")
+                      if o.is_interval_sweep() else o for o in parsed]
         combos = BasicSweeper.split_arguments(parsed, None)[0] if args.multirun else [args.overrides]
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             for number, combo in enumerate(combos):
@@ -109,6 +113,12 @@ def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> No
                 check_output_dir(planned_output_dir(cfg, args.multirun, number), cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         raise UserError(_one_line(error)) from None
+
+
+def parsed_override(text: str):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(text)
 
 
 def planned_output_dir(cfg, multirun: bool, number: int) -> Path:
@@ -229,14 +239,15 @@ def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
         except UserError as error:  # e.g. stabbench's defaults changed since: keep that dir as it is
             print(f"stabbench: not continuing there ({error}); starting a new directory", flush=True)
 
-    def job(cfg) -> None:
+    def job(cfg):
+        """One run; what `task` returns goes back to Hydra's sweeper (a run: its selection score)."""
         spread_over_gpus(HydraConfig.get())
         share_cpus(HydraConfig.get())
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         existed = {p.name for p in out_dir.iterdir()} - {".hydra", "stabbench.log"}
         try:
             validate(cfg)
-            task(cfg, out_dir)
+            return task(cfg, out_dir)
         except UserError as error:
             if not existed:  # a directory this job just made holds nothing worth keeping
                 shutil.rmtree(out_dir, ignore_errors=True)

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf, open_dict
 from rich.table import Table
 from torch.utils.data import DataLoader, TensorDataset
 
-from stabbench import datasets, fast, methods, train
+from stabbench import datasets, fast, lr_grid, methods, train
 from stabbench.checkpoint import Preemption
 from stabbench.errors import UserError
 from stabbench.methods.base import Shape, Stage
@@ -246,18 +246,20 @@ def run(cfg, out_dir: Path) -> dict:
         if not any(timing["turns"]):  # every seed stopped before the second log step of each turn
             raise UserError(f"the bench timed no stretch of the {name} loop: its networks diverged (NaN or inf loss) "
                             f"before step {2 * cfg.log_every}; bench a configuration that trains (lr={cfg.lr})")
-    stabbench_s = seconds_per_step(timings["stabbench"], epoch_steps) / cfg.seeds
+    members = len(lr_grid.members(cfg)[0])  # seeds, times the lrs of a grid: each member is one model
+    stabbench_s = seconds_per_step(timings["stabbench"], epoch_steps) / members
     reference_s = seconds_per_step(timings["reference"], epoch_steps) if "reference" in timings else None
     # Each turn's pair of figures was taken back to back: their ratios show how far the
     # machine's own drift moves the result.
     ratios = None if reference_s is None else [
-        seconds_per_step(timings["reference"], epoch_steps, k) * cfg.seeds / seconds_per_step(timings["stabbench"], epoch_steps, k)
+        seconds_per_step(timings["reference"], epoch_steps, k) * members / seconds_per_step(timings["stabbench"], epoch_steps, k)
         for k in range(repeats) if timings["reference"]["turns"][k] and timings["stabbench"]["turns"][k]]
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     evaluation_ms = {name: round(statistics.median(t["evaluations"]) * 1e3, 3) for name, t in timings.items()}
     result = {
         "shape": {"depth": cfg.depth, "width": cfg.width, "batch_size": cfg.batch_size, "in_features": shape.in_features,
-                  "out_features": shape.out_features, "seeds": cfg.seeds, "method": cfg.method.name},
+                  "out_features": shape.out_features, "seeds": cfg.seeds, "lrs": None if cfg.lrs is None else list(cfg.lrs),
+                  "members": members, "method": cfg.method.name},
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
@@ -277,7 +279,8 @@ def run(cfg, out_dir: Path) -> dict:
     write_json(out_dir / "bench.json", result)
     table = Table(title=f"{cfg.method.name} depth {cfg.depth} width {cfg.width} batch {cfg.batch_size} "
                         f"on {device}, ms per step per model", title_justify="left")
-    for column in ("reference (DataLoader, eager, 1 model)", f"stabbench ({cfg.seeds} seeds batched)", "ratio"):
+    for column in ("reference (DataLoader, eager, 1 model)", f"stabbench ({cfg.seeds} seeds batched)" if cfg.lrs is None
+                   else f"stabbench ({len(cfg.lrs)} lrs x {cfg.seeds} seeds batched)", "ratio"):
         table.add_column(column, justify="right")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     table.add_row(fmt(result["reference_ms_per_step"]), fmt(result["stabbench_ms_per_step_per_model"]),

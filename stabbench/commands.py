@@ -5,9 +5,11 @@ from stabbench.app import run_hydra
 
 
 def run(argv: list[str]) -> int:
-    from stabbench import train
+    from stabbench import train, tuning
 
-    run_hydra(argv, lambda cfg, out_dir: train.run(cfg, out_dir))
+    # A run returns its selection score (tuning.run_score) to Hydra, so a sweeper plugin such as
+    # Optuna's can tune any option on it (docs/tuning.md).
+    run_hydra(argv, lambda cfg, out_dir: tuning.run_score(train.run(cfg, out_dir)))
     return 0
 
 

@@ -65,6 +65,9 @@ class Config:
     max_steps: Optional[int] = None  # cap on optimiser steps (per stage)
     batch_size: int = 128
     lr: float = 0.01
+    # A learning-rate grid trained as one batched model: len(lrs) x seeds members, each an
+    # (lr, seed) pair (lr_grid.py); null: every member trains with `lr`.
+    lrs: Optional[list[float]] = None
     log_every: int = 10  # steps between train rows in metrics.csv / layers.csv
     checkpoint_every: int = 0  # steps; 0 = only on preemption signals
     skip_done: bool = True  # a rerun finds a complete summary.json with the same config and does nothing
@@ -86,7 +89,7 @@ def register_schemas() -> None:
 def validate(cfg) -> None:
     """Range and choice checks Hydra's types cannot express; raises UserError naming the
     bad value and what is allowed. Runs before any run directory is made."""
-    from stabbench import datasets, methods
+    from stabbench import datasets, lr_grid, methods
     from stabbench.methods.base import check_choice, check_range
 
     for key in ("depth", "width", "batch_size", "epochs", "seeds", "log_every"):
@@ -96,6 +99,7 @@ def validate(cfg) -> None:
         check_range("max_steps", cfg.max_steps, low=1)
     check_range("checkpoint_every", cfg.checkpoint_every, low=0)
     check_range("lr", cfg.lr, low=0, low_open=True)
+    lr_grid.validate(cfg)
     check_choice("device", cfg.device, ("auto", "cpu", "cuda"))
     if cfg.device == "cuda":
         import torch
@@ -119,6 +123,7 @@ def validate(cfg) -> None:
     check_choice("dataset", cfg.dataset.name, datasets.NAMES)
     check_schema_keys(cfg)
     check_range("dataset.fraction", cfg.dataset.fraction, low=0, high=1, low_open=True)
+    check_range("dataset.validation", cfg.dataset.validation, low=0, high=1, high_open=True)
     methods.create(cfg.method).validate_run(cfg)
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-METRICS_COLUMNS = ["step", "epoch", "stage", "seed", "split", "loss", "acc", "time_s"]
-LAYER_COLUMNS = ["step", "epoch", "stage", "seed", "layer", "kind", "grad_norm", "weight_norm", "act_mean", "act_std"]
+METRICS_COLUMNS = ["step", "epoch", "stage", "seed", "lr", "split", "loss", "acc", "time_s"]
+LAYER_COLUMNS = ["step", "epoch", "stage", "seed", "lr", "layer", "kind", "grad_norm", "weight_norm", "act_mean", "act_std"]
 
 
 def finite_or_none(value):
@@ -107,7 +107,9 @@ class RunRecorder:
                             for row in metrics.to_dict("records")]
         layers = pd.read_csv(self.out_dir / "layers.csv").head(counts["layers"])
         # The diagnostics are float32 on the device; read back as float32 they print as before.
-        self.layer_frames = [layers.astype({c: "float32" for c in layers.columns if layers[c].dtype == "float64"})]
+        # (lr is the config's float64, not a diagnostic: it stays as written)
+        self.layer_frames = [layers.astype({c: "float32" for c in layers.columns
+                                            if layers[c].dtype == "float64" and c != "lr"})]
 
     def flush(self) -> None:
         write_csv(self.out_dir / "metrics.csv", self.metrics_frame())

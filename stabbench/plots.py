@@ -202,18 +202,23 @@ def _final_score(runs: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     return "final train loss", runs.assign(score=runs["train_loss"].astype(float))
 
 
-def trainability_map(runs: pd.DataFrame, path: Path) -> bool:
-    """Per dataset and method: a depth x width grid of the final score, diverged cells marked.
-    Panels of one dataset share one colour scale."""
-    if runs.empty or runs[["depth", "width"]].drop_duplicates().shape[0] < 2:
+def trainability_map(runs: pd.DataFrame, path: Path, chosen: pd.DataFrame | None = None) -> bool:
+    """Depth x method in one panel per (dataset, width), methods side by side: the final score
+    (mean over seeds), hatched where seeds diverged. `chosen` (a tuned report's cells): each cell
+    names its lr, with an arrow where it sits at an edge of its grid. Panels of one dataset
+    share one colour scale."""
+    if runs.empty or runs[["method", "depth", "width"]].drop_duplicates().shape[0] < 2:
         return False
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm, Normalize
 
+    lr_of = {} if chosen is None else {
+        (m, d, h, w): (lr, edge) for m, d, h, w, lr, edge in chosen[["method", "dataset", "depth", "width", "lr",
+                                                                      "edge"]].itertuples(index=False)}
     panels = []
     for dataset, data in runs.groupby("dataset"):
         name, data = _final_score(data)
-        grid = data.groupby(["method", "depth", "width"]).agg(score=("score", "mean"), n=("score", "size"),
+        grid = data.groupby(["width", "method", "depth"]).agg(score=("score", "mean"), n=("score", "size"),
                                                               diverged=("diverged", "sum"))
         finite = grid["score"][np.isfinite(grid["score"])]
         if name.endswith("accuracy"):
@@ -223,37 +228,88 @@ def trainability_map(runs: pd.DataFrame, path: Path) -> bool:
             positive = finite[finite > 0]
             low, high = (positive.min(), positive.max()) if len(positive) else (1e-3, 1.0)
             norm, cmap = LogNorm(low / 1.001, high * 1.001), colormaps["viridis_r"]
-        panels += [(dataset, method, name, cells.droplevel(0), norm, cmap) for method, cells in grid.groupby(level=0)]
-    panels = panels[:MAX_PANELS * 2]
+        panels += [(dataset, width, name, cells.droplevel(0), norm, cmap) for width, cells in grid.groupby(level=0)]
+    panels = panels[:MAX_PANELS]
+    methods = sorted(runs["method"].unique())
     depths = sorted(runs["depth"].unique())
-    widths = sorted(runs["width"].unique())
-    rows, cols = _grid(len(panels), 3)
-    fig, axes = _figure(rows, cols, width=max(3.4, 0.9 * len(widths) + 2.0), height=max(2.6, 0.5 * len(depths) + 1.4))
-    for ax, (dataset, method, name, cells, norm, cmap) in zip(axes.flat, panels):
-        scores = cells["score"].unstack("width").reindex(index=depths, columns=widths)
+    rows, cols = _grid(len(panels), 2)
+    fig, axes = _figure(rows, cols, width=max(3.6, 1.25 * len(methods) + 2.0),
+                        height=max(2.6, 0.55 * len(depths) + 1.8))
+    arrows = {"low": "↓", "high": "↑"}
+    for ax, (dataset, width, name, cells, norm, cmap) in zip(axes.flat, panels):
+        scores = cells["score"].unstack("method").reindex(index=depths, columns=methods)
         image = ax.imshow(np.ma.masked_invalid(scores.to_numpy(dtype=float)), origin="lower", aspect="auto",
                           cmap=cmap.with_extremes(bad="#dddddd"), norm=norm)
         for i, depth in enumerate(depths):
-            for j, width in enumerate(widths):
-                if (depth, width) not in cells.index:
+            for j, method in enumerate(methods):
+                if (method, depth) not in cells.index:
                     continue
-                cell = cells.loc[(depth, width)]
+                cell = cells.loc[(method, depth)]
                 finite = np.isfinite(cell["score"])
                 text = f"{cell['score']:.3g}" if finite else "-"
+                if (method, dataset, depth, width) in lr_of:
+                    lr, edge = lr_of[(method, dataset, depth, width)]
+                    text += f"\nlr {lr:g}{arrows.get(edge, '')}"
                 if cell["diverged"]:
-                    text += f"\n{int(cell['diverged'])}/{int(cell['n'])} diverged"
+                    text += f"\n{int(cell['diverged'])}/{int(cell['n'])} div."
                     ax.add_patch(_hatch(j, i))
                 shade = float(norm(cell["score"])) if finite else 1.0
                 dark = shade < 0.55 if cmap.name == "viridis" else shade > 0.45
-                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark and finite else "black",
-                        fontweight="bold" if cell["diverged"] else None)
-        ax.set_xticks(range(len(widths)), [f"{w:g}" for w in widths])
+                ax.text(j, i, text, ha="center", va="center", fontsize=7.5,
+                        color="white" if dark and finite else "black", fontweight="bold" if cell["diverged"] else None)
+        ax.set_xticks(range(len(methods)), methods, rotation=25, ha="right", fontsize=8)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-        ax.set_xlabel("width")
         ax.set_ylabel("depth")
-        ax.set_title(f"{method}" + (f" · {dataset}" if runs["dataset"].nunique() > 1 else ""), fontsize=10)
+        ax.set_title(f"width {width:g}" + (f" · {dataset}" if runs["dataset"].nunique() > 1 else ""), fontsize=10)
         fig.colorbar(image, ax=ax, label=name, shrink=0.9)
     _hide_unused(axes, len(panels))
+    return _save(fig, path)
+
+
+def lr_sensitivity(per_lr: pd.DataFrame, chosen: pd.DataFrame, colors: dict, path: Path) -> bool:
+    """Final validation score against learning rate (as DeepOBS draws it): one line per method,
+    one panel per (dataset, width, depth); a ring on each cell's chosen lr, a cross where seeds
+    diverged at that lr."""
+    per_lr = per_lr[per_lr.groupby(["method", "dataset", "depth", "width"])["lr"].transform("nunique") > 1]
+    if per_lr.empty:
+        return False
+    from matplotlib.lines import Line2D
+
+    keys = ["dataset", "width", "depth"]
+    panels = list(per_lr.groupby(keys, sort=True))
+    panels = panels[-MAX_PANELS * 2:]  # the deepest and widest
+    several = {k: per_lr[k].nunique() > 1 for k in ("dataset", "width")}
+    rows, cols = _grid(len(panels), 4)
+    fig, axes = _figure(rows, cols, width=3.8, height=3.0, extra_width=2.4)
+    for ax, ((dataset, width, depth), part) in zip(axes.flat, panels):
+        for method, line in part.groupby("method"):
+            line = line.sort_values("lr")
+            finite = np.isfinite(line["val_score"].astype(float))
+            ax.plot(line["lr"][finite], line["val_score"][finite], lw=1.6, **_style(colors, method, 6))
+            bad = line[line["diverged"] > 0]
+            if len(bad):
+                floor = ax.get_xaxis_transform()
+                ax.scatter(bad["lr"], np.full(len(bad), 0.03), transform=floor, clip_on=False, **DIVERGED_MARK)
+            pick = chosen[(chosen["method"] == method) & (chosen["dataset"] == dataset) & (chosen["depth"] == depth)
+                          & (chosen["width"] == width)]
+            for lr in pick["lr"]:
+                score = line.loc[np.isclose(line["lr"], lr), "val_score"]
+                if len(score) and np.isfinite(score.iloc[0]):
+                    ax.scatter([lr], [score.iloc[0]], s=130, facecolors="none", edgecolors=colors[method], lw=1.5,
+                               zorder=6)
+        ax.set_xscale("log")
+        metric = part["metric"].iloc[0]
+        if not metric.endswith("accuracy"):
+            _log_if_spread(ax, part["val_score"])
+        title = f"depth {depth:g}" + (f" · width {width:g}" if several["width"] else "")
+        ax.set_title(title + (f" · {dataset}" if several["dataset"] else ""), fontsize=10)
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(f"final {metric}")
+        ax.grid(True, alpha=0.3)
+    _hide_unused(axes, len(panels))
+    extra = [Line2D([], [], ls="", marker="o", ms=10, markerfacecolor="none", color="grey", label="chosen lr"),
+             Line2D([], [], ls="", marker="x", color="black", mew=1.5, label="seeds diverged")]
+    _legend(fig, colors, per_lr["method"].unique(), extra)
     return _save(fig, path)
 
 

@@ -3,7 +3,9 @@ runs and sweeps found under the given directories.
 
 A run is a directory holding `summary.json` (finished: complete or diverged) or a `.hydra/`
 folder without one (partial: still running, crashed or killed). Each run gives one row per
-seed. Config values that differ between runs name the groups: the method label is the
+seed; a learning-rate grid (`lrs=[...]`) is read as one run per lr, so its members and those
+of separate `-m lr=...` runs look alike. Where a cell was trained at several learning rates
+the report is tuned (tuning.py): each cell shows its lr chosen on the validation split. Config values that differ between runs name the groups: the method label is the
 method plus those of its options (and of the training options) that vary, e.g.
 `bsnn (activation=relu)`. The table aggregates finished seeds per (method label, dataset,
 depth, width); partial seeds are counted, and drawn in the loss curves, but not averaged.
@@ -28,14 +30,15 @@ import pandas as pd
 from stabbench.errors import UserError
 from stabbench.outputs import atomic_write_text, write_csv
 
-SUMMARY_FIELDS = ["schema_version", "method", "dataset", "depth", "width", "seed", "steps", "epochs",
-                  "train_loss", "test_loss", "test_acc", "diverged", "diverged_step", "grad_norm_ratio_init",
+SUMMARY_FIELDS = ["schema_version", "method", "dataset", "depth", "width", "seed", "lr", "steps", "epochs",
+                  "train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "diverged", "diverged_step", "grad_norm_ratio_init",
                   "grad_norm_ratio_final", "total_steps", "total_flops", "wall_time_s", "device"]
 GROUP_KEYS = ["method", "dataset", "depth", "width"]
-AGGREGATED = ["train_loss", "test_loss", "test_acc", "grad_norm_ratio_init", "grad_norm_ratio_final"]
+AGGREGATED = ["train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "grad_norm_ratio_init",
+              "grad_norm_ratio_final"]
 # Config keys that never name a group: run bookkeeping, speed switches, where things live.
 NOT_AN_OPTION = {"seed", "seeds", "depth", "width", "device", "log_every", "checkpoint_every", "skip_done",
-                 "dataset.root", "dataset.download"}
+                 "dataset.root", "dataset.download", "lrs"}  # lrs: each member's own lr is the `lr` column
 NOT_AN_OPTION_PREFIXES = ("trainer.", "probe.", "hydra.")
 OTHER_APPS = {"probe.json", "bench.json"}  # outputs of `stabbench probe` / `bench` dirs: no training runs
 MAX_CELLS = 6  # (dataset, depth, width) cells drawn in the per-layer and loss figures: the deepest
@@ -45,8 +48,11 @@ FIGURES = [  # file, caption (index.html)
     ("grad_norm_per_layer.png", "Gradient norm per layer at initialisation and at the end of training "
                                 "(line: geometric mean over seeds, band: min to max)"),
     ("loss_curves.png", "Training (solid) and test (dashed) loss against step (line: mean over seeds, band: min to max)"),
-    ("trainability_map.png", "Final test accuracy (regression: final train loss) over depth and width; "
-                             "cells where seeds diverged are marked"),
+    ("trainability_map.png", "Final test accuracy (regression: final train loss) over depth and method, one "
+                             "panel per width; hatched cells: seeds diverged; tuned: the chosen lr in each cell "
+                             "(an arrow: at the edge of the grid)"),
+    ("lr_sensitivity.png", "Final validation score against learning rate, one line per method, one panel per "
+                           "depth (mean over seeds, a diverged seed scoring as the worst possible; ring: chosen)"),
     ("accuracy_vs_depth.png", "Final test accuracy (regression: test loss) against depth (error bars: std over seeds)"),
     ("beta_per_layer.png", "Self-stabilizer beta per layer over training (mean over seeds)"),
     ("activation_std_at_init.png", "Forward activation std per layer at initialisation"),
@@ -129,20 +135,30 @@ def _strip(prefix: str):
 
 @dataclass
 class RunSet:
-    """Every run found: `runs` has one row per (run directory, seed); `dirs[run_id]` is its directory."""
+    """Every run found: `runs` has one row per (run, seed); `dirs[run_id]` is its directory. A
+    learning-rate grid's directory is several runs, one per lr: `member_lr[run_id]` is the lr
+    whose rows of metrics.csv and layers.csv are that run's."""
     root: Path
     dirs: list[Path]
     runs: pd.DataFrame
     config: pd.DataFrame  # flattened config per row of `runs`
     varying: list[str] = field(default_factory=list)  # config keys that differ between runs
+    member_lr: dict = field(default_factory=dict)
+    tuned: bool = False  # some cell was trained at several lrs and has validation scores: lr is not a label
     _metrics: dict = field(default_factory=dict, repr=False)
+
+    def _own_rows(self, run_id, frame: pd.DataFrame | None) -> pd.DataFrame | None:
+        lr = self.member_lr.get(run_id)
+        if frame is None or lr is None or "lr" not in frame:
+            return frame
+        return frame[np.isclose(frame["lr"].astype(float), lr, rtol=1e-9, atol=0)]
 
     # Per-run files are read on demand and kept: the table needs none of them.
     def metrics(self, run_ids) -> pd.DataFrame:
         """metrics.csv rows of the given runs, with `run_id` and `gstep` (step counted across stages)."""
         wanted = [r for r in dict.fromkeys(run_ids) if r not in self._metrics]
         for run_id in wanted:
-            frame = _read_csv(self.dirs[run_id] / "metrics.csv")
+            frame = self._own_rows(run_id, _read_csv(self.dirs[run_id] / "metrics.csv"))
             self._metrics[run_id] = None if frame is None or frame.empty else frame.assign(run_id=run_id)
         frames = [self._metrics[r] for r in dict.fromkeys(run_ids) if self._metrics.get(r) is not None]
         if not frames:
@@ -154,9 +170,9 @@ class RunSet:
         wanted = {"step", "stage", "seed", "layer", *columns}
         frames = []
         for run_id in dict.fromkeys(run_ids):
-            frame = _read_csv(self.dirs[run_id] / "layers.csv", wanted)
+            frame = self._own_rows(run_id, _read_csv(self.dirs[run_id] / "layers.csv", wanted | {"lr"}))
             if frame is not None and not frame.empty:
-                frames.append(frame.assign(run_id=run_id))
+                frames.append(frame.drop(columns="lr", errors="ignore").assign(run_id=run_id))
         if not frames:
             return pd.DataFrame(columns=["run_id", *sorted(wanted)])
         layers = pd.concat(frames, ignore_index=True)
@@ -191,23 +207,42 @@ def load_runs(paths: list[Path | str]) -> RunSet:
     return read_runs(dirs, Path(os.path.commonpath([p.resolve() for p in paths])))
 
 
+def _member_lr(entry: dict, config: dict):
+    """A seed's learning rate: its summary's `lr`, else (older runs) its config's."""
+    lr = entry.get("lr", config.get("lr"))
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+
+
 def read_runs(dirs: list[Path], root: Path) -> RunSet:
-    """The runs in `dirs` (each a run directory), named relative to `root`."""
-    records, configs = [], []
-    for run_id, run_dir in enumerate(dirs):
+    """The runs in `dirs` (each a run directory), named relative to `root`; a grid's directory
+    gives one run per lr (run ids index `run_dirs`, which repeats such a directory)."""
+    records, configs, run_dirs, member_lr = [], [], [], {}
+    for run_dir in dirs:
         entries = _read_summary(run_dir) if (run_dir / "summary.json").exists() else None
         if entries is None:
             config = _read_hydra_config(run_dir)
             first = int(config.get("seed", 0) or 0)
-            for seed in range(first, first + int(config.get("seeds", 1) or 1)):
-                records.append({"run_id": run_id, "status": "partial", "seed": seed})
-                configs.append(config)
-            continue
+            grid = config.get("lrs") if isinstance(config.get("lrs"), list) and config.get("lrs") else [config.get("lr")]
+            entries = [{"seed": seed, "lr": lr, "status": "partial", "config": config}
+                       for lr in grid for seed in range(first, first + int(config.get("seeds", 1) or 1))]
+        by_lr: dict = {}
         for entry in entries:
-            record = {k: v for k, v in entry.items() if k not in ("config", "stages")}
-            record.update(run_id=run_id, status="diverged" if entry.get("diverged") else "complete")
-            records.append(record)
-            configs.append(entry.get("config") or {})
+            by_lr.setdefault(_member_lr(entry, entry.get("config") or {}), []).append(entry)
+        for lr, members in by_lr.items():
+            run_id = len(run_dirs)
+            run_dirs.append(run_dir)
+            if len(by_lr) > 1:
+                member_lr[run_id] = lr
+            for entry in members:
+                config = dict(entry.get("config") or {})
+                if lr is not None:
+                    config["lr"] = lr  # a grid member's own lr, as a separate run's config would say
+                record = {k: v for k, v in entry.items() if k not in ("config", "stages")}
+                status = entry.get("status") or ("diverged" if entry.get("diverged") else "complete")
+                record.update(run_id=run_id, status=status, lr=lr)
+                records.append(record)
+                configs.append(config)
+    dirs = run_dirs
 
     runs = pd.DataFrame.from_records(records)
     runs = runs.reindex(columns=list(dict.fromkeys(["run_id", "status", *SUMMARY_FIELDS, *runs.columns])))
@@ -226,7 +261,7 @@ def read_runs(dirs: list[Path], root: Path) -> RunSet:
             runs[column] = numbers.astype("Int64")
     runs["diverged"] = runs["diverged"].astype("boolean").fillna(False).astype(bool)
 
-    run_set = RunSet(root=root, dirs=dirs, runs=runs, config=config)
+    run_set = RunSet(root=root, dirs=dirs, runs=runs, config=config, member_lr=member_lr)
     _fill_partial(run_set)
     _add_labels(run_set)
     runs["run"] = [os.path.relpath(dirs[i].resolve(), root) for i in runs["run_id"]]
@@ -276,8 +311,25 @@ def _add_labels(run_set: RunSet) -> None:
     def short(key: str) -> str:
         return key[len("method."):] if key.startswith("method.") else key
 
-    runs["method"] = _label(runs["method"], config[method_options + varying_training], short)
+    names = runs["method"].copy()
     runs["dataset"] = _label(runs["dataset"], config[dataset_options], _strip("dataset."))
+    # lr is the tuning dimension where a cell was trained at several lrs (tuning.py), not a label;
+    # without validation scores to choose by, each lr stays a method of its own, as before.
+    without_lr = [c for c in varying_training if c != "lr"]
+    runs["method"] = _label(names, config[method_options + without_lr], short)
+    from stabbench import tuning
+
+    run_set.tuned = tuning.tuned_cells(runs)
+    if run_set.tuned:
+        try:
+            tuning.select(runs)
+        except tuning.NoValidation as error:
+            print(f"stabbench: note: learning rates not tuned: {error}; the tuning protocol selects on a "
+                  f"validation split (dataset.validation > 0). Each lr is reported as a method of its own.",
+                  file=sys.stderr)
+            run_set.tuned = False
+    if not run_set.tuned:
+        runs["method"] = _label(names, config[method_options + varying_training], short)
 
 
 def steps_to_target(run_set: RunSet, target: float) -> pd.Series:
@@ -335,6 +387,17 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def with_selection(table: pd.DataFrame, selection) -> pd.DataFrame:
+    """The tuned table: each cell's chosen lr, whether it sits at an edge of its grid, the grid's size."""
+    from stabbench.tuning import CELL
+
+    cells = selection.cells.assign(lrs_tried=selection.cells["grid"].map(len)).rename(columns={"edge": "lr_edge"})
+    table = table.merge(cells[CELL + ["lr", "lr_edge", "lrs_tried"]], on=CELL, how="left")
+    table["lr_edge"] = table["lr_edge"].fillna("")
+    first = CELL + ["lr", "lr_edge", "lrs_tried"]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
 def _fmt(value, digits: int = 4) -> str:
     if value is None or pd.isna(value) or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
@@ -348,15 +411,19 @@ def readable_table(table: pd.DataFrame) -> pd.DataFrame:
     out = table[GROUP_KEYS].copy()
     out["depth"] = out["depth"].map(_fmt)
     out["width"] = out["width"].map(_fmt)
+    if "lr" in table:  # tuned: the chosen lr, flagged at an edge of its grid
+        arrows = {"low": " ↓ (grid's lowest)", "high": " ↑ (grid's highest)"}
+        out["lr"] = table["lr"].map(lambda v: f"{v:g}") + table["lr_edge"].map(lambda e: arrows.get(e, ""))
+        out["lrs tried"] = table["lrs_tried"].astype(str)
     out["n"] = table["n"].astype(str)
     out["diverged"] = table["diverged"].astype(str)
     if table["partial"].any():
         out["partial"] = table["partial"].astype(str)
-    names = {"train_loss": "train loss", "test_loss": "test loss", "test_acc": "test acc",
+    names = {"train_loss": "train loss", "val_acc": "val acc", "test_loss": "test loss", "test_acc": "test acc",
              "grad_norm_ratio_init": "grad ratio init", "grad_norm_ratio_final": "grad ratio final",
              "steps_to_target": "steps to target"}
     for key, name in names.items():
-        if f"{key}_mean" not in table:
+        if f"{key}_mean" not in table or (key == "val_acc" and table[f"{key}_mean"].isna().all()):
             continue
         mean, std = table[f"{key}_mean"].map(_fmt), table[f"{key}_std"].map(lambda v: _fmt(v, 2))
         out[name] = np.where(std == "-", mean, mean + " ± " + std)
@@ -379,12 +446,13 @@ def print_table(table: pd.DataFrame, title: str) -> None:
 
     from stabbench.progress import console
 
-    figures = {"train_loss": "train loss", "test_loss": "test loss", "test_acc": "test acc",
+    figures = {"train_loss": "train loss", "val_acc": "val acc", "test_loss": "test loss", "test_acc": "test acc",
                "grad_norm_ratio_init": "grad ratio\ninit", "grad_norm_ratio_final": "grad ratio\nend",
                "steps_to_target": "steps to\ntarget"}
     figures = {k: v for k, v in figures.items() if f"{k}_mean" in table and table[f"{k}_mean"].notna().any()}
     rich_table = Table(title=title, title_justify="left")
     keys = ["method"] + (["dataset"] if table["dataset"].nunique() > 1 else []) + ["depth", "width"]
+    keys += ["lr"] if "lr" in table else []
     counts = ["n", "diverged"] + (["partial"] if table["partial"].any() else [])
     for column in keys + counts + list(figures.values()):
         text = column in ("method", "dataset")
@@ -392,6 +460,8 @@ def print_table(table: pd.DataFrame, title: str) -> None:
                               min_width=min(40, int(table[column].astype(str).str.len().max())) if text else None)
     for _, row in table.iterrows():
         cells = [str(row[k]) if k in ("method", "dataset") else _fmt(row[k]) for k in keys]
+        if "lr" in table:
+            cells[-1] += {"low": " ↓", "high": " ↑"}.get(row["lr_edge"], "")
         cells += [str(int(row[k])) for k in counts]
         for key in figures:
             mean, std = _fmt(row[f"{key}_mean"], 3), _fmt(row[f"{key}_std"], 2)
@@ -446,11 +516,13 @@ def method_colors(labels) -> dict:
     return palette(sorted(dict.fromkeys(labels)))
 
 
-def write_figures(run_set: RunSet, out_dir: Path) -> list[str]:
+def write_figures(run_set: RunSet, out_dir: Path, runs: pd.DataFrame | None = None, selection=None) -> list[str]:
+    """The report's figures from `runs` (default: all; tuned: the chosen lr's seeds), and with a
+    tuning `selection` the learning-rate sensitivity figure."""
     from stabbench import plots
 
-    runs = run_set.runs
-    colors = method_colors(runs["method"])
+    runs = run_set.runs if runs is None else runs
+    colors = method_colors(run_set.runs["method"])
     cells = _cells(runs)
     members = _members(runs, cells)
     order = [c for c in cells["cell"]]
@@ -470,7 +542,11 @@ def write_figures(run_set: RunSet, out_dir: Path) -> list[str]:
     keep("loss_curves.png", plots.loss_curves(metrics, colors, order, out_dir / "loss_curves.png"))
 
     finished = without_diverged(runs[runs["status"] != "partial"])
-    keep("trainability_map.png", plots.trainability_map(finished, out_dir / "trainability_map.png"))
+    keep("trainability_map.png", plots.trainability_map(
+        finished, out_dir / "trainability_map.png", None if selection is None else selection.cells))
+    if selection is not None:
+        keep("lr_sensitivity.png", plots.lr_sensitivity(selection.per_lr, selection.cells, colors,
+                                                        out_dir / "lr_sensitivity.png"))
     keep("accuracy_vs_depth.png", plots.accuracy_vs_depth(finished, colors, out_dir / "accuracy_vs_depth.png"))
     keep("beta_per_layer.png", plots.beta_per_layer(layers, colors, order, out_dir / "beta_per_layer.png"))
     init = snapshots[snapshots["when"] == "init"] if "when" in snapshots else snapshots
@@ -488,28 +564,34 @@ def write_run_figures(out_dir: Path | str) -> list[Path]:
     out_dir = Path(out_dir)
     run_set = read_runs([out_dir], out_dir)
     first = run_set.runs.iloc[0]
-    method = str(first["method"])
-    title = f"{method} on {first['dataset']}, depth {_fmt(first['depth'])}, width {_fmt(first['width'])}"
-    colors = method_colors([method])
+    title = f"{first['method']} on {first['dataset']}, depth {_fmt(first['depth'])}, width {_fmt(first['width'])}"
+    # One line per run: a grid's lrs, each `lr=...`; a plain run's one line has no legend.
+    ids = list(range(len(run_set.dirs)))
+    names = {i: f"lr={run_set.member_lr[i]:g}" if i in run_set.member_lr else str(first["method"]) for i in ids}
+    colors = method_colors(names.values())
+    grid = len(ids) > 1
     written = []
-    layers = run_set.layers([0], columns=("grad_norm",)).assign(method=method, cell=title)
+    layers = run_set.layers(ids, columns=("grad_norm",))
+    layers = layers.assign(method=layers["run_id"].map(names), cell=title)
     if not layers.empty and plots.grad_norm_per_layer(layer_snapshots(layers), colors, [title],
-                                                      out_dir / "grad_norm_per_layer.png", legend=False):
+                                                      out_dir / "grad_norm_per_layer.png", legend=grid):
         written.append(out_dir / "grad_norm_per_layer.png")
-    metrics = run_set.metrics([0]).assign(method=method, cell=title)
-    if plots.loss_curves(metrics, colors, [title], out_dir / "loss_curve.png", legend=False):
+    metrics = run_set.metrics(ids)
+    metrics = metrics.assign(method=metrics["run_id"].map(names), cell=title)
+    if plots.loss_curves(metrics, colors, [title], out_dir / "loss_curve.png", legend=grid):
         written.append(out_dir / "loss_curve.png")
     return written
 
 
 # -- index.html -------------------------------------------------------------------------------
 
-def write_index(out_dir: Path, readable: pd.DataFrame, runs: pd.DataFrame, figures: list[str], title: str) -> None:
+def write_index(out_dir: Path, readable: pd.DataFrame, runs: pd.DataFrame, figures: list[str], title: str,
+                protocol: str | None = None) -> None:
     import html
 
     counts = runs["status"].value_counts()
     status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("complete", "diverged", "partial") if counts.get(s, 0))
-    files = [name for name in ("table.csv", "table.md", "runs.csv") if (out_dir / name).exists()]
+    files = [name for name in ("table.csv", "table.md", "runs.csv", "tuning.csv") if (out_dir / name).exists()]
     captions = dict(FIGURES)
     parts = [
         "<!doctype html>", "<html lang='en'><head><meta charset='utf-8'>",
@@ -522,6 +604,7 @@ def write_index(out_dir: Path, readable: pd.DataFrame, runs: pd.DataFrame, figur
         f"<p>{len(runs)} seeds in {runs['run'].nunique()} runs: {html.escape(status)}. Files: "
         + ", ".join(f"<a href='{html.escape(f)}'>{html.escape(f)}</a>" for f in files) + "</p>",
         "<h2>Results</h2>",
+        *([f"<p class='protocol'><b>Protocol.</b> {html.escape(protocol)}</p>"] if protocol else []),
         readable.to_html(index=False, border=0, na_rep="-", escape=True),
         "<p>mean ± std over the seeds that finished without diverging; n counts finished seeds, "
         "diverged ones included; the diverged column says how many of them diverged: "
@@ -548,10 +631,20 @@ def write_report(paths: list[Path | str], out_dir: Path | str | None = None, tar
             raise UserError("several paths given: say where the report goes with --out DIR")
         out_dir = (paths[0].parent if paths[0].is_file() else paths[0]) / "report"
     out_dir = Path(out_dir)
+    from stabbench import tuning
+
     run_set = load_runs(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = runs_table(run_set, target_loss)
-    table = aggregate(runs)
+    selection = tuning.select(run_set.runs) if run_set.tuned else None
+    chosen = slice(None) if selection is None else selection.chosen.to_numpy()
+    table = aggregate(runs[chosen])
+    if selection is not None:
+        runs = runs.assign(chosen=selection.chosen)
+        table = with_selection(table, selection)
+        write_csv(out_dir / "tuning.csv", selection.per_lr)
+    else:
+        (out_dir / "tuning.csv").unlink(missing_ok=True)  # an earlier report's, now stale
     readable = readable_table(table)
     write_csv(out_dir / "runs.csv", runs)
     write_csv(out_dir / "table.csv", table)
@@ -559,10 +652,11 @@ def write_report(paths: list[Path | str], out_dir: Path | str | None = None, tar
     atomic_write_text(out_dir / "table.md", markdown(readable))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bands of diverged seeds
-        figures = write_figures(run_set, out_dir)
-    write_index(out_dir, readable, runs, figures, title)
+        figures = write_figures(run_set, out_dir, run_set.runs[chosen], selection)
+    write_index(out_dir, readable, runs, figures, title, None if selection is None else selection.protocol())
     if not quiet:
-        print_table(table, f"{len(runs)} seeds in {len(run_set.dirs)} runs (mean, ± std over seeds)")
+        print_table(table, f"{len(runs)} seeds in {len(set(run_set.dirs))} runs (mean, ± std over seeds)"
+                    + ("; tuned: each cell at its lr chosen on the validation split" if selection is not None else ""))
         print(f"wrote {out_dir}", flush=True)
     return out_dir
 

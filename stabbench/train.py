@@ -1,6 +1,7 @@
 """The training loop: `stabbench run`. Reads top to bottom.
 
-One run trains `seeds` networks (seed, seed+1, ...) as one batched model (ensemble.py),
+One run trains `seeds` networks (seed, seed+1, ...) as one batched model (ensemble.py), for
+each learning rate of `lrs` if it is set (lr_grid.py: members are (lr, seed) pairs),
 through each of the method's stages (one, unless the method is staged like SAL), and
 writes metrics.csv, layers.csv and summary.json into the run directory. The method is
 called only through its interface (methods/base.py); this file knows no method by name.
@@ -20,7 +21,7 @@ from omegaconf import OmegaConf
 from torch.func import vmap
 
 import stabbench
-from stabbench import checkpoint, datasets, fast, methods
+from stabbench import checkpoint, datasets, fast, lr_grid, methods
 from stabbench.ensemble import Ensemble
 from stabbench.errors import UserError
 from stabbench.methods.base import Shape, Stage
@@ -39,12 +40,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_ensemble(method, shape: Shape, seeds: list[int], device: torch.device) -> Ensemble:
-    """Each seed's network drawn exactly as a single run with that seed would draw it."""
-    models = []
-    for seed in seeds:
+    """Each seed's network drawn exactly as a single run with that seed would draw it (a seed
+    listed again, as in an lr grid's members, is drawn once: the stacking copies it)."""
+    drawn = {}
+    for seed in dict.fromkeys(seeds):
         torch.manual_seed(seed)
-        models.append(method.build(shape).to(device))
-    return Ensemble(models)
+        drawn[seed] = method.build(shape).to(device)
+    return Ensemble([drawn[seed] for seed in seeds])
 
 
 def make_optimizer(cfg, params: list[torch.Tensor], capturable: bool = False, fused: bool = True) -> torch.optim.Optimizer:
@@ -54,10 +56,10 @@ def make_optimizer(cfg, params: list[torch.Tensor], capturable: bool = False, fu
     also replaces torch's per-tensor Python loop. The bench's reference loop passes False."""
     opt = cfg.optimizer
     if opt.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=opt.momentum, nesterov=opt.nesterov,
+        return torch.optim.SGD(params, lr=lr_grid.optimizer_lr(cfg), momentum=opt.momentum, nesterov=opt.nesterov,
                                weight_decay=opt.weight_decay, fused=fused or None)
     if opt.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
+        return torch.optim.Adam(params, lr=lr_grid.optimizer_lr(cfg), betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
                                 capturable=capturable)
     raise UserError(f"optimizer={opt.name!r} is unknown; choose one of: sgd, adam")
 
@@ -77,6 +79,8 @@ class StageResult:
     train_loss: list = field(default_factory=list)  # per member, mean over the last epoch's steps
     test_loss: list = field(default_factory=list)
     test_acc: list | None = field(default_factory=list)
+    val_loss: list | None = field(default_factory=list)  # None: no validation split
+    val_acc: list | None = field(default_factory=list)
     diverged_step: list = field(default_factory=list)  # per member, -1 if it never diverged
     grad_norm_ratio_init: list = field(default_factory=list)
     grad_norm_ratio_final: list = field(default_factory=list)
@@ -161,15 +165,18 @@ def forget_diverged(result: StageResult, state: LoopState) -> None:
 
 
 @torch.no_grad()
-def evaluate(ensemble: Ensemble, data: datasets.Data, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Mean loss and accuracy over the test split per member; a member whose logits are not
-    all finite (diverged) has accuracy NaN, not the share of class 0 that argmax of NaN gives."""
+def evaluate(ensemble: Ensemble, data: datasets.Data, batch_size: int, split: str = "test"
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-member mean loss and accuracy over the `split` split ("test" or "val"); a member whose
+    logits are not all finite (diverged) has accuracy NaN, not the share of class 0 that argmax
+    of NaN gives."""
+    x_all, y_all = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
     ensemble.eval()
-    loss_sum = torch.zeros(ensemble.size, device=data.x_test.device)
+    loss_sum = torch.zeros(ensemble.size, device=x_all.device)
     correct = torch.zeros_like(loss_sum)
-    finite = torch.ones(ensemble.size, dtype=torch.bool, device=data.x_test.device)
-    for start in range(0, len(data.x_test), batch_size):
-        x, y = data.x_test[start:start + batch_size], data.y_test[start:start + batch_size]
+    finite = torch.ones(ensemble.size, dtype=torch.bool, device=x_all.device)
+    for start in range(0, len(x_all), batch_size):
+        x, y = x_all[start:start + batch_size], y_all[start:start + batch_size]
         logits = ensemble(x, shared_input=True)["logits"]
         targets = y.expand(ensemble.size, *y.shape)
         loss, acc = task_loss(data.task, logits, targets)
@@ -178,16 +185,17 @@ def evaluate(ensemble: Ensemble, data: datasets.Data, batch_size: int) -> tuple[
         if acc is not None:
             correct += acc * len(x)
     ensemble.train()
-    n = len(data.x_test)
+    n = len(x_all)
     acc = torch.where(finite, correct / n, float("nan"))
     return (loss_sum / n).cpu().numpy(), acc.cpu().numpy() if data.task == "classification" else None
 
 
 def make_train_step(method, stage: Stage, ensemble: Ensemble, guide: Ensemble | None, optimizer,
-                    data: datasets.Data, weight_names: list[str]):
+                    data: datasets.Data, weight_names: list[str], member_lr: lr_grid.PerMemberLR | None = None):
     """One optimiser step on the batch `index` [E, B] of the training split: gather, forward,
     loss, backward, diagnostics, update. Device tensors in and out, no host sync, so the
-    whole step can be captured as one CUDA graph (fast.py)."""
+    whole step can be captured as one CUDA graph (fast.py). member_lr: each member's own
+    learning rate (an lr grid); None: the optimiser's lr for all."""
     task = data.task
 
     def train_step(index: torch.Tensor, record: bool) -> dict[str, torch.Tensor]:
@@ -201,24 +209,29 @@ def make_train_step(method, stage: Stage, ensemble: Ensemble, guide: Ensemble | 
             terms = vmap(lambda s, g: method.guidance_losses(s, g, stage), randomness="different")(out, guide_out)
             objective = objective + sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
-        objective.sum().backward()
+        (objective if member_lr is None else member_lr.objective(objective)).sum().backward()
         step = {"loss": loss.detach(), "objective": objective.detach(), "terms": {k: v.detach() for k, v in terms.items()}}
         if acc is not None:
             step["acc"] = acc
         if record:
             # One fused norm over every (layer, seed) slice; views, no copies.
             grads = [ensemble.params[name].grad for name in weight_names]
-            norms = torch._foreach_norm([g[k] for g in grads for k in range(ensemble.size)])
-            step["layers"] = {"grad_norm": torch.stack(norms).view(len(grads), ensemble.size).T,
+            norms = torch.stack(torch._foreach_norm([g[k] for g in grads for k in range(ensemble.size)]))
+            norms = norms.view(len(grads), ensemble.size).T
+            step["layers"] = {"grad_norm": norms if member_lr is None else member_lr.grad_norms(norms),
                               **{k: v.detach() for k, v in out.items() if k not in ("logits", "hidden")}}
-        optimizer.step()
+        if member_lr is None:
+            optimizer.step()
+        else:
+            member_lr.step(optimizer)
         return step
 
     return train_step
 
 
 class Run:
-    """What stays fixed across a run's stages: config, data, method, seeds, output files."""
+    """What stays fixed across a run's stages: config, data, method, members, output files.
+    Member k has seed seeds[k] and learning rate lrs[k] (lr_grid.members)."""
 
     def __init__(self, cfg, out_dir: Path):
         self.cfg, self.out_dir = cfg, Path(out_dir)
@@ -227,7 +240,7 @@ class Run:
         fast.set_tf32(cfg.trainer.tf32)
         self.method = methods.create(cfg.method)
         self.data = datasets.load(cfg.dataset, self.device)
-        self.seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+        self.seeds, self.lrs = lr_grid.members(cfg)
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.recorder = RunRecorder(self.out_dir)
         self.checkpoint_path = self.out_dir / checkpoint.FILENAME
@@ -256,12 +269,13 @@ class Run:
             total_steps = min(total_steps, cfg.max_steps)
         optimizer = make_optimizer(cfg, ensemble.parameters(), capturable=fast.graphs_enabled(cfg.trainer.cuda_graph,
                                                                                               self.device))
+        member_lr = lr_grid.PerMemberLR(cfg, self.lrs, ensemble.parameters(), self.device) if cfg.lrs is not None else None
         weight_names = ensemble.skeleton.weight_param_names()
         n_layers = len(weight_names)
         kinds = np.array(["input"] + ["hidden"] * (n_layers - 2) + ["output"]) if n_layers > 1 else np.array(["output"])
         orders = [torch.Generator().manual_seed(seed * 1_000_003 + stage.index) for seed in self.seeds]
         train_step = fast.maybe_graphed(make_train_step(self.method, stage, ensemble, guide, optimizer, data,
-                                                        weight_names), cfg.trainer.cuda_graph, self.device)
+                                                        weight_names, member_lr), cfg.trainer.cuda_graph, self.device)
         state = LoopState(E, self.device)
         if resume is not None:
             optimizer.load_state_dict(resume["optimizer"])
@@ -321,12 +335,16 @@ class Run:
             result.test_loss = [float("nan")] * E
             result.test_acc = None if data.task == "regression" else [float("nan")] * E
             result.train_loss = [float("nan")] * E
+            if data.x_val is not None:
+                result.val_loss, result.val_acc = result.test_loss, result.test_acc
+        if data.x_val is None:
+            result.val_loss = result.val_acc = None
         forget_diverged(result, state)
         return result
 
     def log_step(self, stage: Stage, state: LoopState, step: int, out: dict, kinds: np.ndarray, progress) -> None:
         """A log step's rows: one train row per live seed in metrics.csv, one row per layer in layers.csv."""
-        seeds, n_layers = np.array(self.seeds), len(kinds)
+        seeds, lrs, n_layers = np.array(self.seeds), np.array(self.lrs), len(kinds)
         now = round(time.perf_counter() - self.started, 3)
         mean_loss = (state.loss_sum / state.since_log).cpu().numpy()
         mean_acc = (state.acc_sum / state.since_log).cpu().numpy() if "acc" in out else None
@@ -334,13 +352,14 @@ class Run:
         diverged = state.diverged_at.cpu().numpy() >= 0
         alive = state.alive  # a member's rows stop after the log step that saw it diverge
         for k in np.flatnonzero(alive):
-            self.recorder.metrics(step=step, epoch=state.epoch, stage=stage.index, seed=int(seeds[k]), split="train",
+            self.recorder.metrics(step=step, epoch=state.epoch, stage=stage.index, seed=int(seeds[k]),
+                                  lr=float(lrs[k]), split="train",
                                   loss=float(mean_loss[k]), acc=None if mean_acc is None else float(mean_acc[k]),
                                   time_s=now, **{name: float(value[k]) for name, value in mean_terms.items()})
         layer_stats = {k: v.cpu().numpy() for k, v in out["layers"].items()}
         self.recorder.layers(pd.DataFrame({
             "step": step, "epoch": state.epoch, "stage": stage.index,
-            "seed": np.repeat(seeds[alive], n_layers),
+            "seed": np.repeat(seeds[alive], n_layers), "lr": np.repeat(lrs[alive], n_layers),
             "layer": np.tile(np.arange(1, n_layers + 1), alive.sum()),
             "kind": np.tile(kinds, alive.sum()),
             **{k: v[alive].reshape(-1) for k, v in layer_stats.items()},
@@ -363,14 +382,16 @@ class Run:
         state.epoch += 1
         state.batch_index = 0
         if state.alive.any():
-            test_loss, test_acc = evaluate(ensemble, self.data, self.cfg.trainer.eval_batch_size)
-            now = round(time.perf_counter() - self.started, 3)
-            for k in np.flatnonzero(state.alive):
-                self.recorder.metrics(step=state.step, epoch=state.epoch, stage=stage.index, seed=self.seeds[k],
-                                      split="test", loss=float(test_loss[k]),
-                                      acc=None if test_acc is None else float(test_acc[k]), time_s=now)
-            state.result.test_loss = test_loss.tolist()
-            state.result.test_acc = None if test_acc is None else test_acc.tolist()
+            splits = ("val", "test") if self.data.x_val is not None else ("test",)
+            for split in splits:  # both alike; what selects reads only val (tuning.py)
+                loss, acc = evaluate(ensemble, self.data, self.cfg.trainer.eval_batch_size, split)
+                now = round(time.perf_counter() - self.started, 3)
+                for k in np.flatnonzero(state.alive):
+                    self.recorder.metrics(step=state.step, epoch=state.epoch, stage=stage.index, seed=self.seeds[k],
+                                          lr=self.lrs[k], split=split, loss=float(loss[k]),
+                                          acc=None if acc is None else float(acc[k]), time_s=now)
+                setattr(state.result, f"{split}_loss", loss.tolist())
+                setattr(state.result, f"{split}_acc", None if acc is None else acc.tolist())
             state.result.train_loss = (state.epoch_loss_sum / max(state.epoch_steps, 1)).cpu().tolist()
         self.recorder.flush()
 
@@ -452,9 +473,11 @@ def summarize(run: Run, finished: list[tuple[Stage, StageResult]]) -> list[dict]
         summary = {
             "schema_version": stabbench.SCHEMA_VERSION,
             "method": cfg.method.name, "dataset": cfg.dataset.name, "depth": cfg.depth, "width": cfg.width,
-            "seed": seed, "steps": extents[-1][0], "epochs": extents[-1][1],
+            "seed": seed, "lr": run.lrs[k], "steps": extents[-1][0], "epochs": extents[-1][1],
             "train_loss": final.train_loss[k], "test_loss": final.test_loss[k],
             "test_acc": None if final.test_acc is None else final.test_acc[k],
+            "val_loss": None if final.val_loss is None else final.val_loss[k],
+            "val_acc": None if final.val_acc is None else final.val_acc[k],
             "diverged": final.diverged_step[k] >= 0,
             "diverged_step": final.diverged_step[k] if final.diverged_step[k] >= 0 else None,
             "grad_norm_ratio_init": final.grad_norm_ratio_init[k],
@@ -479,13 +502,21 @@ def print_summary(summaries: list[dict], out_dir: Path) -> None:
 
     table = Table(title=f"{summaries[0]['method']} on {summaries[0]['dataset']}, depth {summaries[0]['depth']}, "
                         f"width {summaries[0]['width']}", title_justify="left")
-    for column in ("seed", "steps", "train loss", "test loss", "test acc", "grad ratio init", "grad ratio final",
-                   "diverged"):
-        table.add_column(column, justify="right")
+    grid = len({s["lr"] for s in summaries}) > 1
+    val = any(s["val_loss"] is not None for s in summaries)
+    val_key = "val_acc" if any(s["val_acc"] is not None for s in summaries) else "val_loss"
+    columns = {"lr": grid, "seed": True, "steps": True, "train loss": True, val_key.replace("_", " "): val, "test loss": True,
+               "test acc": True, "grad ratio init": True, "grad ratio final": True, "diverged": True}
+    for column, shown in columns.items():
+        if shown:
+            table.add_column(column, justify="right")
     fmt = lambda v: "-" if v is None else f"{v:.4g}"
     for s in summaries:
-        table.add_row(str(s["seed"]), str(s["steps"]), fmt(s["train_loss"]), fmt(s["test_loss"]), fmt(s["test_acc"]),
-                      fmt(s["grad_norm_ratio_init"]), fmt(s["grad_norm_ratio_final"]),
-                      f"step {s['diverged_step']}" if s["diverged"] else "no")
+        cells = {"lr": f"{s['lr']:g}", "seed": str(s["seed"]), "steps": str(s["steps"]), "train loss": fmt(s["train_loss"]),
+                 val_key.replace("_", " "): fmt(s[val_key]),
+                 "test loss": fmt(s["test_loss"]), "test acc": fmt(s["test_acc"]),
+                 "grad ratio init": fmt(s["grad_norm_ratio_init"]), "grad ratio final": fmt(s["grad_norm_ratio_final"]),
+                 "diverged": f"step {s['diverged_step']}" if s["diverged"] else "no"}
+        table.add_row(*(cells[c] for c, shown in columns.items() if shown))
     console.print(table)
     print(f"wrote {out_dir}", flush=True)

@@ -125,3 +125,17 @@ def test_sal_stages_each_capture(tmp_path):
     assert set(metrics.stage) == {0, 1, 2} and all(np.isfinite(s["test_loss"]) for s in summaries)
     summary = json.loads((tmp_path / "sal" / "summary.json").read_text())["seeds"][0]
     assert [s["depth"] for s in summary["stages"]] == [1, 2, 4]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("method", ["baseline", "bsnn"])
+def test_lr_grid_members_run_in_the_cuda_graph(method, optimizer, tmp_path):
+    """A learning-rate grid (lr_grid.py) is captured in the same graph as seeds are: its per-member
+    lrs are device tensors read inside the step. Graphed = eager, on the grid's every member.
+    (Written without a GPU in this session: not yet run.)"""
+    grid = [f"method={method}", f"optimizer={optimizer}", "device=cuda", "seeds=2", "lrs=[0.003,0.05]"]
+    summaries, graphed_metrics, graphed_layers = train_run(tmp_path, "graphed", *grid, "trainer.cuda_graph=on")
+    _, eager_metrics, eager_layers = train_run(tmp_path, "eager", *grid, "trainer.cuda_graph=off")
+    assert [(s["lr"], s["seed"]) for s in summaries] == [(0.003, 0), (0.003, 1), (0.05, 0), (0.05, 1)]
+    assert_same_numbers(graphed_metrics, eager_metrics, 1e-4, "metrics.csv")
+    assert_same_numbers(graphed_layers, eager_layers, 1e-4, "layers.csv")

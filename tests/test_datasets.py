@@ -96,7 +96,7 @@ def write_cifar(folder: Path, n=30) -> None:
 
 def test_cifar10_python_batches_load(tmp_path):
     write_cifar(tmp_path / "cifar-10-batches-py")
-    data = datasets.load(compose("dataset=cifar10", f"dataset.root={tmp_path}").dataset, CPU)
+    data = datasets.load(compose("dataset=cifar10", f"dataset.root={tmp_path}", "dataset.validation=0").dataset, CPU)
     assert data.x_train.shape == (150, 3072) and data.x_test.shape == (30, 3072) and data.n_outputs == 10
 
 

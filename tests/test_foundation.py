@@ -27,11 +27,11 @@ def test_run_writes_the_three_files_with_their_columns(cli, tmp_path):
     assert (run / ".hydra" / "config.yaml").is_file()
     metrics = pd.read_csv(run / "metrics.csv")
     assert {"step", "epoch", "seed", "split", "loss", "acc"} <= set(metrics.columns)
-    assert set(metrics.split) == {"train", "test"}
+    assert set(metrics.split) == {"train", "val", "test"}
     layers = pd.read_csv(run / "layers.csv")
     assert {"step", "seed", "layer", "grad_norm", "weight_norm", "act_mean", "act_std"} <= set(layers.columns)
-    steps = 512 // 128
-    assert sorted(layers.step.unique()) == [0, 3]  # init, every log_every steps, and the last step
+    steps = (512 - 51) // 128  # dataset.validation=0.1 holds 51 of the 512 out
+    assert sorted(layers.step.unique()) == [0, 2]  # init, every log_every steps, and the last step
     assert (layers.groupby("step").layer.nunique() == 5 + 1).all()  # depth + 1 weight layers
     assert list(layers[layers.step == 0].kind) == ["input"] + ["hidden"] * 4 + ["output"]
     summary = json.loads((run / "summary.json").read_text())
