@@ -155,9 +155,9 @@ def run(cfg, out_dir: Path) -> dict:
             per_layer.setdefault(key, []).append(value)
         for key, value in probe_theory.pre_activation_stats(ensemble, x, device).items():
             pre_activations.setdefault(key, []).append(value)
-        if cfg.probe.jacobian_examples and depth >= 2:
+        if cfg.probe.jacobian_examples and depth >= 2 and start < probe_theory.JACOBIAN_DRAWS:
             deep_singular_values.append(probe_theory.deep_jacobian_singular_values(
-                ensemble, x, cfg.probe.jacobian_examples, device))
+                ensemble, x, cfg.probe.jacobian_examples, device, draws=probe_theory.JACOBIAN_DRAWS - start))
         if cfg.width <= JACOBIAN_MAX_WIDTH:
             # beyond rank min(width, inputs, outputs) the singular values are 0 up to rounding
             rank = min(cfg.width, x.shape[1], n_outputs)
