@@ -135,6 +135,8 @@ def _draw(panels, path: Path) -> None:
         image = ax.pcolormesh(_edges(weight_vars), _edges(depths), np.ma.masked_invalid(grid.to_numpy(dtype=float)),
                               cmap=colormaps["viridis"].with_extremes(bad="#dddddd"), norm=norm, shading="flat")
         for (depth, weight_var), value in grid.stack().items():
+            if not np.isfinite(value):  # a cell not run
+                continue
             ax.text(weight_var, depth, f"{value:.2f}", ha="center", va="center", fontsize=7,
                     color="white" if norm(value) < 0.55 else "black")
         top = _edges(depths)[-1]
