@@ -31,6 +31,20 @@ def group_options(group: str) -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def group_choices() -> str:
+    """The help's list of config groups: the options conf/ offers. Hydra's own list
+    ($APP_CONFIG_GROUPS) also shows the structured-config schemas registered beside them
+    (stabbench.config.register_schemas), which a user cannot pick."""
+    return "\n".join(f"{group}: {', '.join(group_options(group))}" for group in GROUPS)
+
+
+def register_help_resolver() -> None:
+    """`${stabbench_choices:}` in conf/config.yaml's hydra.help.template."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("stabbench_choices", group_choices, replace=True)
+
+
 def _one_line(error: BaseException) -> str:
     """The first informative line of an error and of its causes, without Hydra's hints."""
     from omegaconf.errors import OmegaConfBaseException
@@ -206,6 +220,7 @@ def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
         from stabbench.config import validate
     check_overrides(argv, config_name, validate)
     register_schemas()
+    register_help_resolver()
     earlier = previous_output_dir(argv, config_name) if continue_earlier else []
     if earlier:
         try:

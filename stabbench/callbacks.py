@@ -8,16 +8,32 @@ from hydra.experimental.callback import Callback
 
 
 class WriteReport(Callback):
-    """When a multirun ends, write `stabbench report` into `<sweep dir>/report`."""
+    """When a multirun ends, write `stabbench report` into `<sweep dir>/report`; after a
+    probe sweep, the probes' comparison figure `<sweep dir>/probe_sweep.png`."""
 
     def on_multirun_end(self, config, config_name: str | None = None, **kwargs) -> None:
         from stabbench import report
 
-        if config_name not in (None, "config"):  # another app (probe) sharing conf/config.yaml: no training runs
-            return
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        if config_name == "probe":
+            write_probe_figure(sweep_dir)
+            return
+        if config_name not in (None, "config"):  # another app sharing conf/config.yaml: no training runs
+            return
         try:
             report.write_report([sweep_dir], sweep_dir / "report")
         except Exception as error:  # noqa: BLE001 - the runs are saved; a failed report must not hide that
             print(f"stabbench: warning: no report written ({type(error).__name__}: {error}); "
                   f"retry with: stabbench report {sweep_dir}", file=sys.stderr)
+
+
+def write_probe_figure(sweep_dir: Path) -> None:
+    from stabbench import probe
+
+    try:
+        path = probe.write_sweep_figure(sweep_dir)
+    except Exception as error:  # noqa: BLE001 - the probes are saved; a failed figure must not hide that
+        print(f"stabbench: warning: no probe_sweep.png ({type(error).__name__}: {error})", file=sys.stderr)
+        return
+    if path is not None:
+        print(f"wrote {path}", flush=True)

@@ -13,6 +13,14 @@ SUBCOMMANDS = {
     "report": ("stabbench.report", "main", "tables and figures from runs and sweeps: stabbench report PATH... [--out DIR]"),
 }
 
+EXAMPLES = """
+examples:
+  stabbench run method=bsnn depth=200
+  stabbench run -m method=baseline,snn,bsnn depth=50,100 seeds=4
+  stabbench probe method=lyapunov depth=400 width=16
+  stabbench report results/sweeps/<time>
+  stabbench bench device=cpu depth=50 width=64 seeds=8"""
+
 USAGE = "usage: stabbench <subcommand> [args...]   (stabbench <subcommand> --help for its options)"
 
 
@@ -22,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE + "\n\nsubcommands:")
         for name, (_, _, text) in SUBCOMMANDS.items():
             print(f"  {name:<8} {text}")
+        print(EXAMPLES)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:

@@ -7,7 +7,7 @@ itself (`runs_stacked`, below), and through `vmap(functional_call(...))` otherwi
 momentum and Adam act elementwise, so one optimiser over the stacked tensors updates each
 seed exactly as its own optimiser would; the loss is the sum of the seeds' losses, so
 each slice's gradient is that seed's gradient alone. A single run is the case E = 1.
-(../shared/performance.md: on the GPU this is what makes the step fast.)
+(docs/speed.md: on the GPU this is what makes the step fast.)
 """
 from __future__ import annotations
 

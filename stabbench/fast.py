@@ -1,8 +1,8 @@
 """The speed tricks, all in one place (the rest of the code is plain eager PyTorch).
 
 At the BSNN paper's shape (depth 200, width 500, batch 128) a training step is ~1,200
-small kernels: launch-bound on a GPU. ../shared/performance.md measured on one H100
-(ms per step per model): plain eager loop 33.5; the whole step as one CUDA graph 11.6;
+small kernels: launch-bound on a GPU. Measured on one H100 before the runner was built
+(docs/speed.md, ms per step per model): plain eager loop 33.5; the whole step as one CUDA graph 11.6;
 plus TF32 6.7; 8 seeds batched into one model (ensemble.py) + graph 2.95; 32 seeds 1.93.
 What the runner does to get there:
 - data lives on the device (datasets.prepare), batches are index gathers: no DataLoader;
@@ -24,7 +24,7 @@ What the runner does to get there:
   (ensemble.Ensemble._bind): 0.6-0.9 ms of an 18 ms step, same shape;
 - log steps: the activation statistics centre into one reused scratch tensor
   (model.MLP._layer_stats): a log step's forward 21 -> 12 ms, same shape.
-`torch.compile` does not help this shape on the GPU (performance.md); on the CPU it bought
+`torch.compile` does not help this shape on the GPU (docs/speed.md); on the CPU it bought
 ~15% at depth 50, width 64, 8 seeds for 83 s of compilation. It is not used.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The deep MLP every method builds, and the activations they share.
 
-Notation (../shared/methods.md): `depth` hidden layers of `width` units; layer 1 maps the
+Notation (docs/methods/README.md): `depth` hidden layers of `width` units; layer 1 maps the
 flattened input to `width`, layers 2..depth are square, a final linear layer maps to the
 outputs. `layers` holds those depth + 1 weight layers; each maps x_{l-1} to the
 pre-activation h_l and exposes its effective weight matrix as `.weight`.

@@ -2,15 +2,19 @@
 
 Builds `probe.networks` draws of the network exactly as `stabbench run` would (seeds
 seed .. seed+n-1, one batched model), pushes one batch forward (the dataset's, or
-standard-normal inputs for the synthetic datasets) and the loss's error backward, and
-writes probe_layers.csv, probe.json and probe.png. The method is reached only through
+standard-normal inputs for the synthetic datasets) and an error backward (the loss's, or
+with probe.error=gaussian a standard-normal one at the last hidden layer), renormalised
+layer by layer so that no figure underflows at any depth, and writes probe_layers.csv,
+probe.json and probe.png (and after a sweep, probe_sweep.png). The method is reached only through
 its interface (build, constants, mean_field), so the probe works for every method. The
 comparisons with mean-field theory live in probe_theory.py.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +28,22 @@ from stabbench.methods.base import Shape
 from stabbench.outputs import atomic_write_bytes, finite_or_none, write_csv, write_json
 from stabbench.train import build_ensemble, grad_norm_ratio, resolve_device, task_loss
 
-LAYER_COLUMNS = ["network", "seed", "layer", "kind", "act_mean", "act_std", "act_log_norm", "grad_norm"]
+LAYER_COLUMNS = ["network", "seed", "layer", "kind", "act_mean", "act_std", "act_log_norm", "grad_norm",
+                 "log_grad_norm", "homogeneous"]
+ERRORS = ("loss", "gaussian")  # probe.error: what is backpropagated (docs/probe.md, "The error signal")
+HOMOGENEITY_ROWS = 8  # examples the homogeneity check of a layer runs on
+# At or below this width `propagate` runs single-threaded: its layer-by-layer kernels are then
+# tiny, and two threads on a busy 2-core CPU wait for each other (measured: a width-2 layer's
+# forward and two gradients 15.6 ms with 2 threads, 0.55 ms with 1).
+SMALL_WIDTH = 128
 JACOBIAN_MAX_WIDTH = 64
 JACOBIAN_EXAMPLES = 16  # per draw
 MEMORY_BUDGET_CPU = 2 << 30  # bytes for one chunk of draws (weights, grads, saved activations)
 
 
 def probe_batch(cfg, device: torch.device):
-    """(x [B, F], targets, task, n_outputs, source): one fixed batch, drawn from cfg.seed."""
+    """(x [B, F], targets, task, n_outputs, source, error): one fixed batch, drawn from cfg.seed;
+    error is the N(0, I) error [B, width] at the last hidden layer (probe.error=gaussian), else None."""
     data = datasets.load(cfg.dataset, torch.device("cpu"))
     generator = torch.Generator().manual_seed(cfg.seed)
     if cfg.dataset.name.startswith("synthetic"):
@@ -49,7 +61,10 @@ def probe_batch(cfg, device: torch.device):
         index = torch.randperm(len(data.x_train), generator=generator)[:batch]
         x, targets = data.x_train[index], data.y_train[index]
         source = f"{cfg.dataset.name}_train"
-    return x.to(device), targets.to(device), data.task, data.n_outputs, source
+    # drawn after the batch, so the batch is the same in both modes; independent of every draw's forward
+    error = torch.randn(len(x), cfg.width, generator=generator) if cfg.probe.error == "gaussian" else None
+    return (x.to(device), targets.to(device), data.task, data.n_outputs, source,
+            None if error is None else error.to(device))
 
 
 def draws_per_chunk(shape: Shape, batch: int, networks: int, device: torch.device) -> int:
@@ -65,31 +80,152 @@ def draws_per_chunk(shape: Shape, batch: int, networks: int, device: torch.devic
     return int(max(1, min(networks, budget // max(per_draw, 1))))
 
 
-def measure(ensemble, x, targets, task: str) -> dict[str, np.ndarray]:
-    """Per-layer figures [E, depth+1] of one forward and one backward at init."""
-    ensemble.train()  # as the first training step sees the network (dropout, batch statistics)
-    out = ensemble(x, shared_input=True, record=True, keep_hidden=True)
-    tiny = torch.finfo(out["logits"].dtype).tiny
-    # mean over examples of log ||x_l||: per-example norms, so one large example cannot hide the rest
-    log_norms = [h.detach().norm(dim=-1).clamp_min(tiny).log().mean(-1) for h in out["hidden"] + [out["logits"]]]
-    loss, _ = task_loss(task, out["logits"], targets.expand(ensemble.size, *targets.shape))
-    loss.sum().backward()  # the sum over draws: each draw's gradient is its own loss's
-    grads = [ensemble.params[name].grad for name in ensemble.skeleton.weight_param_names()]
-    figures = {
-        "act_mean": out["act_mean"], "act_std": out["act_std"],
-        "act_log_norm": torch.stack(log_norms, 1),
-        "grad_norm": torch.stack([g.flatten(1).norm(dim=1) for g in grads], 1),
-    }
-    figures.update({k: v for k, v in out.items() if k not in ("logits", "hidden", "act_mean", "act_std")})
-    return {k: v.detach().double().cpu().numpy() for k, v in figures.items()}
+def measure(ensemble, x) -> dict[str, np.ndarray]:
+    """The float32 forward as the first training step sees it (train mode: dropout, batch
+    statistics): act_mean, act_std, weight_norm and a method's own diagnostics, [E, depth+1].
+    The ensemble is left as built: batch norm's running statistics are put back."""
+    initial = {name: tensor.clone() for name, tensor in ensemble.buffers.items()}
+    ensemble.train()
+    with torch.no_grad():
+        out = ensemble(x, shared_input=True, record=True)
+        for name, tensor in ensemble.buffers.items():
+            tensor.copy_(initial[name])
+    return {k: v.double().cpu().numpy() for k, v in out.items() if k != "logits"}
+
+
+def _layer_map(model, index: int):
+    """x_{l-1} -> x_l as the network computes it: layer, then (hidden layers) activation and dropout."""
+    layer, hidden = model.layers[index], index < len(model.layers) - 1
+
+    def apply(x):
+        y = layer(x)
+        if hidden:
+            y = model.activation(y)
+            if model.dropout is not None:
+                y = model.dropout(y)
+        return y
+
+    return apply
+
+
+def _positively_homogeneous(apply, x: torch.Tensor) -> bool:
+    """Whether apply(c x) = c apply(x) for every c > 0 and example, checked on a few rows at
+    c = 2 and 1/2 (scalings by a power of two are exact in floating point): a bias-free
+    (or zero-bias) linear layer with relu, leaky relu or no activation. Then the layer can
+    be applied to the renormalised signal and its scale carried alongside, exactly. Tanh,
+    biases, GPN's shift, batch norm (scale-invariant, not homogeneous) and dropout (a fresh
+    mask per call) all fail it."""
+    rows = x[:HOMOGENEITY_ROWS]
+    c = torch.where(torch.arange(len(rows), device=x.device) % 2 == 0, 2.0, 0.5).to(x.dtype)[:, None]
+    plain, scaled = apply(rows), apply(c * rows)
+    return torch.allclose(scaled, c * plain, rtol=1e-9, atol=1e-12 * float(plain.abs().max().clamp_min(1e-300)))
+
+
+def _unit_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y / ||y_i||, log ||y_i||) per example (row); a zero row stays zero, its log-norm -inf."""
+    norm = y.norm(dim=-1)
+    return torch.where(norm[:, None] > 0, y / norm.clamp_min(torch.finfo(y.dtype).tiny)[:, None], 0.0), norm.log()
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def propagate(model, x: torch.Tensor, targets: torch.Tensor, task: str, error: torch.Tensor | None) -> dict:
+    """One draw's forward and backward at init, in float64, with the signal renormalised after
+    every layer and its log-scale carried separately, so that nothing underflows or overflows
+    however deep or narrow the net (a width-2 He net loses ~1.4 nats a layer: float32 is gone
+    by layer 60, float64 by layer 500).
+
+    Forward: each example is x_l = exp(s_l) u_l with ||u_l|| = 1. A positively homogeneous
+    layer map (see _positively_homogeneous) is applied to u_l, and s_{l+1} = s_l + log ||f(u_l)||:
+    exact. Any other layer is applied to the true input exp(s_l) u_l, as the network does.
+    Backward: the error at the layer's output is exp(t) v with ||v||_F = 1 over the batch (one
+    scale for the batch, so batch norm's coupling between examples stays exact); each layer's
+    weight gradient is recomputed from its saved input (the same dropout draws: the RNG state
+    is restored) and its log Frobenius norm kept. `error` None: the task loss's error through
+    the output layer (probe.error=loss); else the given error at the last hidden layer's
+    output x_depth, and no output layer (probe.error=gaussian; its gradient is NaN).
+
+    Returns act_log_norm (mean over examples of log ||x_l||; the logits' for the output
+    layer), log_grad_norm (log ||dE/dW_l||_F) and homogeneous (1 where the layer was applied
+    to the renormalised signal), each [depth+1]."""
+    device = x.device
+    model = model.double()
+    weights = [model.get_parameter(name) for name in model.weight_param_names()]
+    n_layers = len(model.layers)
+    unit, log_scale = _unit_rows(x.double())
+    saved, log_norms, homogeneous = [], [], []
+    with torch.no_grad():
+        for index in range(n_layers):
+            apply = _layer_map(model, index)
+            scaled = _positively_homogeneous(apply, unit)
+            if scaled:
+                inputs, input_scale = unit, log_scale
+            else:
+                inputs, input_scale = unit * log_scale.exp()[:, None], torch.zeros_like(log_scale)
+            state = _rng_state(device)
+            unit, output_log_norm = _unit_rows(apply(inputs))
+            log_scale = input_scale + output_log_norm
+            saved.append((inputs, input_scale, state))
+            log_norms.append(log_scale.mean())
+            homogeneous.append(float(scaled))
+    after_forward = _rng_state(device)  # the backward replays earlier draws: the next draw must not
+
+    log_grad = torch.full((n_layers,), float("nan"), dtype=torch.float64)
+    if error is None:
+        logits = (unit * log_scale.exp()[:, None]).requires_grad_()  # the true logits: they set the error
+        loss, _ = task_loss(task, logits[None], targets[None])
+        (grad,) = torch.autograd.grad(loss.sum(), logits)
+        last = n_layers - 1
+    else:
+        grad, last = error.double(), n_layers - 2
+    norm = grad.norm()
+    direction, grad_scale = grad / norm, norm.log()
+    for index in range(last, -1, -1):
+        inputs, input_scale, state = saved[index]
+        _set_rng_state(state, device)
+        inputs = inputs.detach().requires_grad_(index > 0)
+        with torch.enable_grad():
+            out = _layer_map(model, index)(inputs)
+            # dW sums exp(s_i) J_W(u_i)^T v_i over examples: weight each by exp(s_i - max s) in (0, 1]
+            top = input_scale.max()
+            if index > 0:
+                (grad_input,) = torch.autograd.grad(out, inputs, direction, retain_graph=True)
+            (grad_weight,) = torch.autograd.grad(out, weights[index], direction * (input_scale - top).exp()[:, None])
+        log_grad[index] = grad_scale + top + grad_weight.norm().log()
+        if index > 0:
+            norm = grad_input.norm()
+            direction, grad_scale = grad_input / norm, grad_scale + norm.log()
+    _set_rng_state(after_forward, device)
+    return {"act_log_norm": torch.stack(log_norms).numpy(), "log_grad_norm": log_grad.detach().numpy(),
+            "homogeneous": np.array(homogeneous)}
 
 
 def jacobian_singular_values(ensemble, x: torch.Tensor) -> np.ndarray:
     """Singular values of d logits / d input, per draw and example: [E, examples, min(out, in)].
-    In eval mode: the Jacobian of the deterministic map (no dropout noise, no batch coupling)."""
+    The map at initialisation: eval mode (no dropout noise, no batch coupling) with batch norm's
+    running statistics as built, in float64 (a narrow deep net's Jacobian is far below float32's range)."""
     from torch.func import functional_call, jacrev, vmap
 
-    params = {k: v.detach() for k, v in ensemble.params.items()}
+    params = {k: v.detach().double() for k, v in ensemble.params.items()}
+    buffers = {k: v.double() if v.is_floating_point() else v for k, v in ensemble.buffers.items()}
     skeleton = ensemble.skeleton
 
     def logits(p, b, example):
@@ -98,10 +234,9 @@ def jacobian_singular_values(ensemble, x: torch.Tensor) -> np.ndarray:
     skeleton.eval()
     try:
         per_example = vmap(jacrev(logits, argnums=2), in_dims=(None, None, 0))
-        jac = vmap(per_example, in_dims=(0, 0, None))(params, ensemble.buffers, x[:JACOBIAN_EXAMPLES])
+        jac = vmap(per_example, in_dims=(0, 0, None))(params, buffers, x[:JACOBIAN_EXAMPLES].double())
     finally:
         skeleton.train()
-    jac = jac.double()
     finite = torch.isfinite(jac).flatten(2).all(-1)  # an overflowed net has no singular values to report
     values = torch.linalg.svdvals(torch.where(finite[..., None, None], jac, torch.zeros_like(jac)))
     return values.masked_fill(~finite[..., None], float("nan")).cpu().numpy()
@@ -132,7 +267,7 @@ def run(cfg, out_dir: Path) -> dict:
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     method = methods.create(cfg.method)
-    x, targets, task, n_outputs, source = probe_batch(cfg, device)
+    x, targets, task, n_outputs, source, error = probe_batch(cfg, device)
     depth = method.stages(cfg.depth, cfg.epochs)[-1].depth  # a staged method's final network
     shape = Shape(x.shape[1], n_outputs, depth, cfg.width, task)
     seeds = list(range(cfg.seed, cfg.seed + cfg.probe.networks))
@@ -151,8 +286,6 @@ def run(cfg, out_dir: Path) -> dict:
                 constants = method.constants(first)
                 activation = first.activation  # the network's own phi: the theory's
                 del first
-        for key, value in measure(ensemble, x, targets, task).items():
-            per_layer.setdefault(key, []).append(value)
         for key, value in probe_theory.pre_activation_stats(ensemble, x, device).items():
             pre_activations.setdefault(key, []).append(value)
         if cfg.probe.jacobian_examples and depth >= 2 and start < probe_theory.JACOBIAN_DRAWS:
@@ -162,8 +295,16 @@ def run(cfg, out_dir: Path) -> dict:
             # beyond rank min(width, inputs, outputs) the singular values are 0 up to rounding
             rank = min(cfg.width, x.shape[1], n_outputs)
             singular_values.append(jacobian_singular_values(ensemble, x)[..., :rank])
+        for key, value in measure(ensemble, x).items():
+            per_layer.setdefault(key, []).append(value)
+        with _threads(1 if cfg.width <= SMALL_WIDTH and device.type == "cpu" else torch.get_num_threads()):
+            propagated = [propagate(ensemble.member(k, device), x, targets, task, error) for k in range(ensemble.size)]
+        for key in propagated[0]:
+            per_layer.setdefault(key, []).append(np.stack([p[key] for p in propagated]))
         del ensemble
     per_layer = {k: np.concatenate(v) for k, v in per_layer.items()}  # [networks, depth+1]
+    with np.errstate(over="ignore", under="ignore"):
+        per_layer["grad_norm"] = np.exp(per_layer["log_grad_norm"])  # 0 or inf beyond float64: the log is the figure
     pre_activations = {k: np.concatenate(v) for k, v in pre_activations.items()}  # q [E, depth], c [E, pairs, depth]
     mean_field_block, curves = probe_theory.mean_field_block(spec, activation, x, pre_activations)
     hidden_columns = {"q": pre_activations["q"], "c": pre_activations["c"].mean(1)}
@@ -184,12 +325,14 @@ def run(cfg, out_dir: Path) -> dict:
 
     with np.errstate(all="ignore"):  # an overflowed net gives inf/NaN figures, reported as null
         rates = layer_growth_rate(per_layer["act_log_norm"])
-        ratios = grad_norm_ratio(per_layer["grad_norm"], depth)
+        # from the logs, each draw's largest first: the ratio is right whatever the norms' scale
+        log_grad = per_layer["log_grad_norm"]
+        ratios = grad_norm_ratio(np.exp(log_grad - np.nanmax(log_grad, 1, keepdims=True)), depth)
     finite_rates = rates[np.isfinite(rates)]
     summary = {
         "schema_version": stabbench.SCHEMA_VERSION,
         "method": cfg.method.name, "dataset": cfg.dataset.name, "depth": depth, "width": cfg.width,
-        "networks": E, "seeds": seeds, "batch_size": len(x), "inputs": source,
+        "networks": E, "seeds": seeds, "batch_size": len(x), "inputs": source, "error": cfg.probe.error,
         "constants": constants,
         "lyapunov_exponent": {
             "mean": float(finite_rates.mean()) if finite_rates.size else None,
@@ -204,7 +347,7 @@ def run(cfg, out_dir: Path) -> dict:
         "deep_jacobian": None,
     }
     if deep_singular_values:
-        deep_sv = np.concatenate(deep_singular_values)  # [E, examples, width]
+        deep_sv = np.concatenate(deep_singular_values)  # [draws, examples, width]
         summary["deep_jacobian"] = probe_theory.deep_jacobian_block(deep_sv, mean_field_block, spec, activation, x, depth)
     else:
         deep_sv = None
@@ -237,20 +380,25 @@ def plot(per_layer: dict[str, np.ndarray], summary: dict, path: Path, deep_sv: n
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = np.arange(1, per_layer["act_std"].shape[1] + 1)
+    layers = np.arange(1, per_layer["act_log_norm"].shape[1] + 1)
     fig, grid = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
     axes = grid[0]
-    for ax, key, label in ((axes[0], "act_std", "activation std"), (axes[1], "grad_norm", "weight-gradient norm")):
-        values = np.where(per_layer[key] > 0, per_layer[key], np.nan)  # log axis: zeros and NaN drop out
+    # log10 of the renormalised figures on a linear axis: right at any depth, where the
+    # values themselves would be 0 or inf (a width-2 He net reaches 10^-370 by layer 600)
+    panels = ((axes[0], "act_log_norm", "log10 ||x_l||, mean over examples"),
+              (axes[1], "log_grad_norm", "log10 ||dE/dW_l||_F"))
+    for ax, key, label in panels:
+        values = per_layer[key] / math.log(10)
+        values = np.where(np.isfinite(values), values, np.nan)
         for row in values:
             ax.plot(layers, row, color="tab:blue", alpha=0.25, linewidth=0.8)
-        with np.errstate(all="ignore"):
-            ax.plot(layers, np.exp(np.nanmedian(np.log(values), 0)), color="black", linewidth=1.6,
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a layer without the figure (gaussian: the output)
+            ax.plot(layers, np.nanmedian(values, 0), color="black", linewidth=1.6,
                     label=f"median of {len(values)} draws")
-        ax.set_yscale("log")
         ax.set_xlabel("layer (1 = input layer, last = output layer)")
         ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     exponent, ratio = summary["lyapunov_exponent"], summary["grad_norm_ratio"]
     fmt = lambda v: "n/a" if v is None else f"{v:.3g}"
@@ -259,7 +407,7 @@ def plot(per_layer: dict[str, np.ndarray], summary: dict, path: Path, deep_sv: n
     probe_theory.plot_mean_field(grid[1, 0], per_layer, summary["mean_field"])
     probe_theory.plot_deep_jacobian(grid[1, 1], deep_sv, summary["deep_jacobian"])
     fig.suptitle(f"{summary['method']} at init, depth {summary['depth']}, width {summary['width']}, "
-                 f"{summary['dataset']} ({summary['inputs']})", fontsize=11)
+                 f"{summary['dataset']} ({summary['inputs']}), error: {summary['error']}", fontsize=11)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
@@ -293,3 +441,52 @@ def print_table(summary: dict, out_dir: Path) -> None:
     table.add_row("time", f"{summary['wall_time_s']:.1f} s on {summary['device']}")
     console.print(table)
     print(f"wrote {out_dir}", flush=True)
+
+
+def write_sweep_figure(sweep_dir: Path | str) -> Path | None:
+    """After `stabbench probe -m ...`: every probe of the sweep in one figure, <sweep dir>/probe_sweep.png.
+    One line per probe (the median over its draws), labelled by the config keys that differ
+    between the probes: forward log-norms on the left, weight-gradient norms on the right."""
+    import io
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stabbench.plots import palette
+    from stabbench.report import _flatten_config
+
+    sweep_dir = Path(sweep_dir)
+    found = sorted(p.parent for p in sweep_dir.glob("*/probe.json"))
+    if not found:
+        return None
+    summaries = [json.loads((d / "probe.json").read_text()) for d in found]
+    config = _flatten_config([s["config"] for s in summaries])
+    varying = [c for c in config.columns if config[c].nunique(dropna=True) > 1 and not c.startswith("hydra.")]
+    labels = [", ".join(f"{c.removeprefix('method.')}={config[c].iloc[i]}" for c in varying) or s["method"]
+              for i, s in enumerate(summaries)]
+    colors = palette(labels)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for directory, label in zip(found, labels):
+        layers = pd.read_csv(directory / "probe_layers.csv")
+        for ax, key in zip(axes, ("act_log_norm", "log_grad_norm")):
+            per_layer = (layers[key] / math.log(10)).groupby(layers["layer"])
+            ax.plot(per_layer.median().index, per_layer.median(), color=colors[label], linewidth=1.5, label=label)
+            ax.fill_between(per_layer.min().index, per_layer.min(), per_layer.max(), color=colors[label], alpha=0.15)
+    axes[0].set_ylabel("log10 ||x_l||, mean over examples")
+    axes[1].set_ylabel("log10 ||dE/dW_l||_F")
+    for ax in axes:
+        ax.set_xlabel("layer")
+        ax.grid(True, alpha=0.3)
+    axes[1].legend(loc="best", fontsize=8)
+    first = summaries[0]
+    fig.suptitle(f"probe sweep: depth {first['depth']}, width {first['width']}, {first['networks']} draws each "
+                 f"(line: median, band: min to max), error: {first.get('error', 'loss')}", fontsize=11)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    path = sweep_dir / "probe_sweep.png"
+    atomic_write_bytes(path, buffer.getvalue())
+    return path

@@ -304,13 +304,21 @@ def runs_table(run_set: RunSet, target_loss: float | None = None) -> pd.DataFram
     return runs[first + [c for c in runs.columns if c not in first and c != "run_id"]]
 
 
-def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (method label, dataset, depth, width): seeds of finished runs averaged
-    (std with ddof=1, NaN for a single seed); diverged seeds counted and, having no final
-    loss, left out of the means; partial seeds counted only."""
+def without_diverged(runs: pd.DataFrame) -> pd.DataFrame:
+    """A copy with a diverged seed's figures (AGGREGATED, steps_to_target) NaN, so that no
+    mean, table or figure counts them, whatever an older summary.json holds for them."""
     runs = runs.copy()
     values = [c for c in AGGREGATED + ["steps_to_target"] if c in runs]
     runs[values] = runs[values].apply(pd.to_numeric, errors="coerce")  # all-null columns read as objects
+    runs.loc[runs["diverged"].astype(bool), values] = np.nan
+    return runs
+
+
+def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method label, dataset, depth, width): seeds of finished runs averaged
+    (std with ddof=1, NaN for a single seed); diverged seeds counted (`diverged`) and left
+    out of every mean; partial seeds counted only. `n` counts finished seeds, diverged included."""
+    runs = without_diverged(runs)
     runs["finished"] = runs["status"] != "partial"
     finished = runs[runs["finished"]]
     groups = runs.groupby(GROUP_KEYS, dropna=False, sort=True)
@@ -463,7 +471,7 @@ def write_figures(run_set: RunSet, out_dir: Path) -> list[str]:
     metrics = metrics.merge(members[["run_id", "seed", "method", "cell"]], on=["run_id", "seed"])
     keep("loss_curves.png", plots.loss_curves(metrics, colors, order, out_dir / "loss_curves.png"))
 
-    finished = runs[runs["status"] != "partial"]
+    finished = without_diverged(runs[runs["status"] != "partial"])
     keep("trainability_map.png", plots.trainability_map(finished, out_dir / "trainability_map.png"))
     keep("accuracy_vs_depth.png", plots.accuracy_vs_depth(finished, colors, out_dir / "accuracy_vs_depth.png"))
     keep("beta_per_layer.png", plots.beta_per_layer(layers, colors, order, out_dir / "beta_per_layer.png"))
@@ -518,7 +526,9 @@ def write_index(out_dir: Path, readable: pd.DataFrame, runs: pd.DataFrame, figur
         + ", ".join(f"<a href='{html.escape(f)}'>{html.escape(f)}</a>" for f in files) + "</p>",
         "<h2>Results</h2>",
         readable.to_html(index=False, border=0, na_rep="-", escape=True),
-        "<p>mean ± std over finished seeds; diverged seeds are counted and left out of the means.</p>",
+        "<p>mean ± std over the seeds that finished without diverging; n counts finished seeds, "
+        "diverged ones included; the diverged column says how many of them diverged: "
+        "they are left out of every mean.</p>",
     ]
     shown = [f for f in figures if (out_dir / f).exists()]
     if shown:
@@ -573,7 +583,13 @@ def _finite_float(text: str) -> float:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="stabbench report",
-        description="Tables and figures from the runs and sweeps under PATH (searched recursively).")
+        description="Tables and figures from the runs and sweeps under PATH (searched recursively).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  stabbench report results/sweeps/<time>                   # writes <time>/report/\n"
+               "  stabbench report results/runs/a results/runs/b --out cmp # several paths need --out\n"
+               "  stabbench report results/sweeps/<time> --target-loss 0.5 # also steps to loss <= 0.5\n"
+               "files and figures: docs/report.md")
     parser.add_argument("paths", nargs="+", metavar="PATH", type=Path, help="run or sweep directories")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="where to write (default PATH/report; required with several PATHs)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +80,9 @@ class StageResult:
     diverged_step: list = field(default_factory=list)  # per member, -1 if it never diverged
     grad_norm_ratio_init: list = field(default_factory=list)
     grad_norm_ratio_final: list = field(default_factory=list)
-    flops: int = 0  # per member
+    flops: int = 0  # per member that trained every step
+    member_steps: list = field(default_factory=list)  # per member: steps trained before it stopped (diverged)
+    member_epochs: list = field(default_factory=list)
 
 
 @dataclass
@@ -104,12 +106,13 @@ class LoopState:
         self.term_sums: dict[str, torch.Tensor] = {}  # a guided stage's extra loss terms, by name
         self.diverged_at = torch.full((E,), -1, dtype=torch.long, device=device)
         self.alive = np.ones(E, dtype=bool)
+        self.stopped = np.full((2, E), -1)  # per member: (steps, epochs) when its divergence stopped it; -1 never
         self.first_ratio = np.full(E, np.nan)
         self.last_ratio = np.full(E, np.nan)
         self.result = StageResult()
 
     TENSORS = ("loss_sum", "acc_sum", "epoch_loss_sum", "diverged_at")
-    ARRAYS = ("alive", "first_ratio", "last_ratio")
+    ARRAYS = ("alive", "first_ratio", "last_ratio", "stopped")
     NUMBERS = ("step", "epoch", "batch_index", "since_log", "epoch_steps")
 
     def state_dict(self) -> dict:
@@ -143,22 +146,41 @@ def grad_norm_ratio(grad_norms: np.ndarray, depth: int) -> np.ndarray:
         return square.max(1) / square.min(1)
 
 
+def forget_diverged(result: StageResult, state: LoopState) -> None:
+    """A diverged member's figures are null, whether or not other members survived it: every
+    per-member metric (a StageResult field named *_loss or *_acc), and its steps and epochs are
+    those it trained before its divergence stopped it, as a run of that seed alone reports."""
+    diverged = state.diverged_at.cpu().numpy() >= 0
+    for name in (f.name for f in fields(StageResult) if f.name.endswith(("_loss", "_acc"))):
+        values = getattr(result, name)
+        if values is not None:
+            setattr(result, name, [float("nan") if gone else v for v, gone in zip(values, diverged)])
+    stopped = state.stopped >= 0
+    result.member_steps = np.where(stopped[0], state.stopped[0], state.step).tolist()
+    result.member_epochs = np.where(stopped[1], state.stopped[1], state.epoch).tolist()
+
+
 @torch.no_grad()
 def evaluate(ensemble: Ensemble, data: datasets.Data, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean loss and accuracy over the test split per member; a member whose logits are not
+    all finite (diverged) has accuracy NaN, not the share of class 0 that argmax of NaN gives."""
     ensemble.eval()
     loss_sum = torch.zeros(ensemble.size, device=data.x_test.device)
     correct = torch.zeros_like(loss_sum)
+    finite = torch.ones(ensemble.size, dtype=torch.bool, device=data.x_test.device)
     for start in range(0, len(data.x_test), batch_size):
         x, y = data.x_test[start:start + batch_size], data.y_test[start:start + batch_size]
         logits = ensemble(x, shared_input=True)["logits"]
         targets = y.expand(ensemble.size, *y.shape)
         loss, acc = task_loss(data.task, logits, targets)
         loss_sum += loss * len(x)
+        finite &= torch.isfinite(logits).flatten(1).all(1)
         if acc is not None:
             correct += acc * len(x)
     ensemble.train()
     n = len(data.x_test)
-    return (loss_sum / n).cpu().numpy(), (correct / n).cpu().numpy() if data.task == "classification" else None
+    acc = torch.where(finite, correct / n, float("nan"))
+    return (loss_sum / n).cpu().numpy(), acc.cpu().numpy() if data.task == "classification" else None
 
 
 def make_train_step(method, stage: Stage, ensemble: Ensemble, guide: Ensemble | None, optimizer,
@@ -299,6 +321,7 @@ class Run:
             result.test_loss = [float("nan")] * E
             result.test_acc = None if data.task == "regression" else [float("nan")] * E
             result.train_loss = [float("nan")] * E
+        forget_diverged(result, state)
         return result
 
     def log_step(self, stage: Stage, state: LoopState, step: int, out: dict, kinds: np.ndarray, progress) -> None:
@@ -326,6 +349,7 @@ class Run:
         if step == 0:
             state.first_ratio = ratio
         state.last_ratio = np.where(alive & ~diverged, ratio, state.last_ratio)
+        state.stopped[:, alive & diverged] = [[step + 1], [state.epoch + 1]]  # where a run of it alone stops
         state.alive = alive & ~diverged
         live = state.alive
         progress.update(step + 1, loss=float(mean_loss[live].mean()) if live.any() else float("nan"),
@@ -411,31 +435,41 @@ def run(cfg, out_dir: Path) -> list[dict]:
     return summaries
 
 
+def member_extent(result: StageResult, k: int) -> tuple[int, int, int]:
+    """(steps, epochs, flops) that member k trained in a stage: fewer than the stage's if it diverged."""
+    if not result.member_steps:  # a stage finished before member_steps existed (resumed checkpoint)
+        return result.steps, result.epochs, result.flops
+    steps = result.member_steps[k]
+    return steps, result.member_epochs[k], result.flops * steps // max(result.steps, 1)
+
+
 def summarize(run: Run, finished: list[tuple[Stage, StageResult]]) -> list[dict]:
     cfg = run.cfg
     final = finished[-1][1]
     summaries = []
     for k, seed in enumerate(run.seeds):
+        extents = [member_extent(r, k) for _, r in finished]
         summary = {
             "schema_version": stabbench.SCHEMA_VERSION,
             "method": cfg.method.name, "dataset": cfg.dataset.name, "depth": cfg.depth, "width": cfg.width,
-            "seed": seed, "steps": final.steps, "epochs": final.epochs,
+            "seed": seed, "steps": extents[-1][0], "epochs": extents[-1][1],
             "train_loss": final.train_loss[k], "test_loss": final.test_loss[k],
             "test_acc": None if final.test_acc is None else final.test_acc[k],
             "diverged": final.diverged_step[k] >= 0,
             "diverged_step": final.diverged_step[k] if final.diverged_step[k] >= 0 else None,
             "grad_norm_ratio_init": final.grad_norm_ratio_init[k],
             "grad_norm_ratio_final": final.grad_norm_ratio_final[k],
-            "total_steps": sum(r.steps for _, r in finished),
-            "total_flops": sum(r.flops for _, r in finished),
+            "total_steps": sum(steps for steps, _, _ in extents),
+            "total_flops": sum(flops for _, _, flops in extents),
             "wall_time_s": round(time.perf_counter() - run.started, 3), "device": str(run.device),
             "torch_version": torch.__version__, "git_commit": git_commit(),
             "config": run.config,
         }
         if len(finished) > 1:
-            summary["stages"] = [{"stage": s.index, "depth": s.depth, "epochs": r.epochs, "steps": r.steps,
+            summary["stages"] = [{"stage": s.index, "depth": s.depth, "epochs": epochs, "steps": steps,
                                   "train_loss": r.train_loss[k], "test_loss": r.test_loss[k],
-                                  "test_acc": None if r.test_acc is None else r.test_acc[k]} for s, r in finished]
+                                  "test_acc": None if r.test_acc is None else r.test_acc[k]}
+                                 for (s, r), (steps, epochs, _) in zip(finished, extents)]
         summaries.append(finite_or_none(summary))
     return summaries
 

@@ -75,3 +75,25 @@ def blow_up_seed_1(monkeypatch) -> None:
 
 def run_dirs(root: Path) -> list[Path]:
     return sorted(p.parent for p in Path(root).rglob("summary.json"))
+
+
+SELU_ALPHA = 1.7580993408473766  # -alpha' of alpha dropout: the value a dropped SELU unit is set to is -1.758
+
+
+def alpha_dropout_keep_masks(seed: int, shapes: list[tuple], p: float) -> list:
+    """The keep-masks torch's alpha dropout draws, in order, for tensors of these shapes after
+    torch.manual_seed(seed): the draw depends on the shape only, so ones show it."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    a = ((1 - p) * (1 + p * SELU_ALPHA ** 2)) ** -0.5
+    return [F.alpha_dropout(torch.ones(shape), p, True) > SELU_ALPHA * a * p for shape in shapes]
+
+
+def apply_alpha_dropout(x, keep, p: float):
+    """Alpha dropout with a given keep-mask (Klambauer et al. 2017, eq. for a, b): a (x or -1.758) + b."""
+    import torch
+
+    a = ((1 - p) * (1 + p * SELU_ALPHA ** 2)) ** -0.5
+    return a * torch.where(keep, x, torch.full_like(x, -SELU_ALPHA)) + SELU_ALPHA * a * p

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import blow_up_seed_1, compose
+from conftest import alpha_dropout_keep_masks, apply_alpha_dropout, blow_up_seed_1, compose
 from stabbench import methods, train
 
 SMALL = ["depth=4", "width=16", "dataset.n_train=512", "dataset.n_test=128", "max_steps=8", "log_every=3",
@@ -93,3 +93,113 @@ def test_stacked_call_equals_vmap(variant):
     torch.testing.assert_close(stacked_eval, vmap_eval, rtol=1e-5, atol=1e-6)
     for name, grad in vmap_grads.items():
         torch.testing.assert_close(stacked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def diverge_at_step(monkeypatch, step: int) -> None:
+    """Seed 4's weights become NaN before its `step`-th optimiser step: it diverges in its second
+    epoch, after an evaluation, alone (member 1 of seeds 3, 4, 5) or as the only member."""
+    original = train.make_train_step
+
+    def make_train_step(method, stage, ensemble, *args):
+        inner = original(method, stage, ensemble, *args)
+        calls = iter(range(10**6))
+
+        def train_step(index, record):
+            if next(calls) == step:
+                with torch.no_grad():
+                    for tensor in ensemble.params.values():
+                        tensor[1 if ensemble.size == 3 else 0] = float("nan")
+            return inner(index, record)
+
+        return train_step
+
+    monkeypatch.setattr(train, "make_train_step", make_train_step)
+
+
+def test_a_diverged_seed_of_a_batched_run_equals_the_same_seed_alone(tmp_path, monkeypatch):
+    # 4 steps an epoch: NaN before step 6 (epoch 2); the log step 6 sees it, as both runs do
+    small = [*SMALL, "max_steps=12", "epochs=3"]
+    diverge_at_step(monkeypatch, 6)
+    batched_dir, single_dir = tmp_path / "batched", tmp_path / "single"
+    batched_dir.mkdir(), single_dir.mkdir()
+    train.run(compose("seed=3", "seeds=3", *small), batched_dir)
+    train.run(compose("seed=4", *small), single_dir)
+    batched = json.loads((batched_dir / "summary.json").read_text())["seeds"]
+    single = json.loads((single_dir / "summary.json").read_text())
+    assert [s["diverged"] for s in batched] == [False, True, False] and single["diverged"]
+    for key in ("train_loss", "test_loss", "test_acc"):
+        assert single[key] is None and batched[1][key] is None, key  # null, not its pre-divergence figure
+        assert batched[0][key] is not None and batched[2][key] is not None, key
+    for key in ("diverged_step", "steps", "epochs", "total_steps", "total_flops", "grad_norm_ratio_init",
+                "grad_norm_ratio_final"):
+        assert batched[1][key] == pytest.approx(single[key], rel=1e-4), key
+    assert (single["diverged_step"], single["steps"], single["epochs"]) == (6, 7, 2)
+    assert batched[0]["steps"] == 12 and batched[0]["total_flops"] == 12 / 7 * single["total_flops"]
+    for name in ("metrics.csv", "layers.csv"):
+        b = pd.read_csv(batched_dir / name)
+        b = b[b.seed == 4].reset_index(drop=True).drop(columns="time_s", errors="ignore")
+        s = pd.read_csv(single_dir / name).drop(columns="time_s", errors="ignore")
+        numeric = s.select_dtypes("number").columns
+        np.testing.assert_allclose(b[numeric].to_numpy(float), s[numeric].to_numpy(float), rtol=2e-4, atol=1e-6,
+                                   err_msg=name)
+
+
+def test_evaluate_gives_no_accuracy_for_nan_logits():
+    """argmax of NaN logits is class 0: a diverged member would score the share of class 0."""
+    cfg = compose("seeds=2", *SMALL)
+    run = train.Run(cfg, "unused")
+    ensemble = train.build_ensemble(run.method, run.shape(run.method.stages(cfg.depth, 1)[0]), run.seeds, run.device)
+    with torch.no_grad():
+        for tensor in ensemble.params.values():
+            tensor[1] = float("nan")
+    loss, acc = train.evaluate(ensemble, run.data, 64)
+    assert np.isfinite(loss[0]) and 0 <= acc[0] <= 1
+    assert np.isnan(loss[1]) and np.isnan(acc[1])
+
+
+class FixedAlphaDropout(torch.nn.Module):
+    """Alpha dropout applying given keep-masks in turn, one per call (one per hidden layer)."""
+
+    def __init__(self, masks, p):
+        super().__init__()
+        self.masks, self.p = list(masks), p
+
+    def forward(self, x):
+        return apply_alpha_dropout(x, self.masks.pop(0), self.p)
+
+
+# Each goes its own way through the ensemble: batch norm and the orthogonal parametrization
+# through vmap, alpha dropout stacked with one mask draw for all seeds.
+ONE_BY_ONE = [("bsnn", "method.batch_norm=true"), ("bsnn", "method.constraint=orthogonal"),
+              ("snn", "method.alpha_dropout=0.1")]
+
+
+@pytest.mark.parametrize("variant", ONE_BY_ONE, ids=lambda v: "-".join(v))
+def test_batched_forward_and_backward_equal_each_member_alone(variant):
+    """Logits, every recorded diagnostic, every gradient and batch norm's running statistics of
+    the batched model equal those of each member called alone on its own inputs, in training
+    mode (batch statistics per member; each member's own slice of the dropout masks)."""
+    cfg = compose(f"method={variant[0]}", *variant[1:], "seeds=3", "depth=4", "width=16", "device=cpu")
+    run = train.Run(cfg, "unused")
+    ensemble = train.build_ensemble(run.method, run.shape(run.method.stages(cfg.depth, 1)[-1]), run.seeds, run.device)
+    members = [ensemble.member(k) for k in range(3)]  # copies at init, before the batched call moves anything
+    x = torch.randn(3, 32, run.data.in_features, generator=torch.Generator().manual_seed(0))
+    probe = torch.linspace(-1, 1, run.data.n_outputs)
+    torch.manual_seed(7)
+    out = ensemble(x, record=True)
+    (out["logits"] * probe).sum().backward()
+    dropout = cfg.method.alpha_dropout
+    masks = alpha_dropout_keep_masks(7, [(3, 32, 16)] * 4, dropout) if dropout else None
+    for k, member in enumerate(members):
+        if dropout:
+            member.dropout = FixedAlphaDropout([m[k] for m in masks], dropout)
+        alone = member(x[k], record=True)
+        (alone["logits"] * probe).sum().backward()
+        for key, value in alone.items():
+            torch.testing.assert_close(out[key][k], value.detach(), rtol=1e-5, atol=1e-6, equal_nan=True, msg=key)
+        for name, tensor in member.named_parameters():
+            torch.testing.assert_close(ensemble.params[name].grad[k], tensor.grad, rtol=1e-4, atol=1e-6, msg=name)
+        for name, tensor in member.named_buffers():
+            torch.testing.assert_close(ensemble.buffers[name][k], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    if "method.batch_norm=true" in variant:
+        assert ensemble.buffers["layers.1.batch_norm.running_mean"].abs().max() > 0  # the statistics did move

@@ -17,7 +17,7 @@ from stabbench.methods.base import Shape
 from stabbench.methods.bsnn import Config, GPNActivation, gpn_constants
 from stabbench.train import build_ensemble
 
-# ../shared/methods.md section 4 (the paper's Table), gelu as x * sigmoid(1.702 x).
+# The paper's table (Lu, Gould, Ajanthan 2023; docs/methods/bsnn.md), gelu as x * sigmoid(1.702 x).
 PUBLISHED = {
     "tanh": (1.4674, 0.3885),
     "relu": (1.4142, 0.0),
@@ -113,15 +113,23 @@ def train_a_few_steps(method, seeds=(0, 1), depth=5, width=24, steps=8, lr=0.5):
     return initial, [ensemble.member(k) for k in range(len(seeds))], ensemble
 
 
-def test_rownorm_rows_have_unit_norm_after_optimiser_steps():
+def test_rownorm_forward_uses_the_row_normalised_raw_parameter_after_optimiser_steps():
+    """What the layer computes, not what `.weight` says: after training, each square layer of
+    the batched network maps x to x @ (V / ||V_i||)^T of its own raw parameter V."""
     initial, trained, ensemble = train_a_few_steps(make(constraint="rownorm"))
-    for before, after in zip(initial, trained):
-        for layer_before, layer_after in zip(before.layers[1:-1], after.layers[1:-1]):
-            assert (layer_after.weight - layer_before.weight).abs().max() > 1e-3  # it did train
-            assert torch.allclose(layer_after.weight.norm(dim=1), torch.ones(24), atol=1e-5)
-    # The trained parameter is the raw matrix; its rows drifted, so the unit norms are the constraint's work.
-    raw = ensemble.params["layers.2.raw_weight"]
-    assert (raw.norm(dim=2) - 1).abs().max() > 1e-3
+    x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(3))
+    for index in range(1, 5):  # depth 5: layers 1..4 are the square hidden ones
+        raw = ensemble.params[f"layers.{index}.raw_weight"].detach()  # [seeds, 24, 24]
+        # the rows drifted from unit norm in training: normalising them changes the map
+        assert (raw.norm(dim=2) - 1).abs().max() > 1e-3
+        expected = x @ (raw / raw.norm(dim=2, keepdim=True)).transpose(1, 2)
+        assert ensemble.stacked  # the runner calls these layers on the stacked tensors
+        with torch.no_grad():
+            torch.testing.assert_close(ensemble.network.layers[index](x), expected, rtol=1e-5, atol=1e-6)
+        for k, (before, after) in enumerate(zip(initial, trained)):
+            assert (after.layers[index].weight - before.layers[index].weight).abs().max() > 1e-3  # it did train
+            with torch.no_grad():
+                torch.testing.assert_close(after.layers[index](x[k]), expected[k], rtol=1e-5, atol=1e-6)
 
 
 def test_unconstrained_rows_drift_from_unit_norm():

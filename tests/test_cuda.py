@@ -1,7 +1,7 @@
 """The CUDA path: device=cuda with the whole step captured as one CUDA graph (fast.py).
 
 These need a GPU, so CI (which has none) skips them; they ran on an H100 through the
-device tool (README, Speed). Every method must capture (trainer.cuda_graph=on makes a
+device tool (docs/speed.md). Every method must capture (trainer.cuda_graph=on makes a
 failed capture an error instead of an eager fallback), and the graphed step must give the
 eager step's numbers and the CPU's, so the speed trick changes nothing but the speed.
 """
@@ -67,17 +67,37 @@ def test_cuda_run_equals_cpu_run(method, tmp_path):
     assert_same_numbers(gpu_layers, cpu_layers, 2e-3, "layers.csv")
 
 
-def test_graphed_alpha_dropout_draws_new_masks_every_step(tmp_path):
-    """SNN's alpha dropout inside a replayed graph: each replay must draw fresh masks (the
-    graph-safe RNG advances), each seed its own; a frozen mask would train like no dropout."""
-    dropout = ["method=snn", "method.alpha_dropout=0.1", "device=cuda", "seeds=2", "trainer.cuda_graph=on"]
-    summaries, metrics, _ = train_run(tmp_path, "dropout", *dropout)
-    _, plain, _ = train_run(tmp_path, "plain", "method=snn", "device=cuda", "seeds=2", "trainer.cuda_graph=on")
-    train_rows = metrics[metrics.split == "train"]
-    assert np.isfinite(train_rows.loss).all() and not any(s["diverged"] for s in summaries)
-    assert not np.allclose(train_rows.loss.to_numpy(), plain[plain.split == "train"].loss.to_numpy())
-    per_seed = train_rows.pivot(index="step", columns="seed", values="loss")
-    assert not np.allclose(per_seed[0], per_seed[1])
+def replayed_losses(tmp_path, dropout: float, device: str, steps: int) -> torch.Tensor:
+    """The step's loss [steps, seeds] for `steps` calls on one and the same batch, at lr 0: the
+    weights never move, so only fresh dropout masks can change the loss from call to call."""
+    from stabbench import fast
+
+    cfg = compose(*SMALL, "method=snn", f"method.alpha_dropout={dropout}", f"device={device}", "seeds=2", "lr=0",
+                  "trainer.cuda_graph=" + ("on" if device == "cuda" else "off"))
+    run = train.Run(cfg, tmp_path / f"p{dropout}")
+    stage = run.method.stages(cfg.depth, cfg.epochs)[-1]
+    ensemble = train.build_ensemble(run.method, run.shape(stage), run.seeds, run.device)
+    optimizer = train.make_optimizer(cfg, ensemble.parameters(), capturable=device == "cuda")
+    step = fast.maybe_graphed(train.make_train_step(run.method, stage, ensemble, None, optimizer, run.data,
+                                                    ensemble.skeleton.weight_param_names()),
+                              cfg.trainer.cuda_graph, run.device)
+    index = torch.arange(2 * 64, device=run.device).view(2, 64)
+    return torch.stack([step(index, False)["loss"].clone() for _ in range(steps)]).cpu()
+
+
+def test_graphed_alpha_dropout_draws_new_masks_every_replay(tmp_path):
+    """SNN's alpha dropout inside a replayed graph: replays of the same batch at lr 0 must give
+    different losses (the graph-safe RNG advances; a mask frozen at capture gives the same loss
+    every replay), while without dropout they are identical."""
+    from stabbench import fast
+
+    steps = fast.WARMUP_STEPS + 3  # eager warm-up, then the capture's own replay and two more
+    dropout = replayed_losses(tmp_path, 0.1, "cuda", steps)[fast.WARMUP_STEPS:]
+    plain = replayed_losses(tmp_path, 0.0, "cuda", steps)[fast.WARMUP_STEPS:]
+    assert torch.isfinite(dropout).all()
+    assert not torch.allclose(dropout[0], dropout[1]) and not torch.allclose(dropout[1], dropout[2])
+    torch.testing.assert_close(plain[1], plain[0])
+    torch.testing.assert_close(plain[2], plain[0])
 
 
 def test_graphed_adam_matches_eager_adam(tmp_path):

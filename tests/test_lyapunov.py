@@ -30,7 +30,7 @@ def make(**options):
 
 def expansion_constant(alpha: float) -> float:
     """c in sigma^2_crit ~ (2/(1+alpha^2)) (1 + c/d): second-order delta method on E log S,
-    S = sum_i s_i z_i^2; c = 2.5 at alpha = 0 (methods.md: c ~ 2.5 for small alpha)."""
+    S = sum_i s_i z_i^2; c = 2.5 at alpha = 0 (the paper: c ~ 2.5 for small alpha; docs/methods/lyapunov.md)."""
     m = (1 + alpha ** 2) / 2
     return (1.5 * (1 + alpha ** 4) - m ** 2) / (2 * m ** 2)
 

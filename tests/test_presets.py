@@ -66,6 +66,17 @@ def test_lyapunov_narrow_trains(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["seeds"][0]["width"] == 2
 
 
+def test_bsnn_synthetic_is_the_papers_synthetic_probe():
+    cfg = config("experiment=bsnn_synthetic", hydra=True)
+    validate(cfg)
+    assert cfg.method.name == "bsnn" and cfg.dataset.name == "synthetic"
+    # 200 square 500 x 500 layers: x ~ N(0, I_500), so layer 1 is square too
+    assert (cfg.depth, cfg.width, cfg.dataset.features) == (200, 500, 500)
+    assert (cfg.probe.error, cfg.probe.batch_size) == ("gaussian", 500)
+    params = cfg.hydra.sweeper.params
+    assert str(params["method.gpn"]).split(",") == ["true", "false"] and "selu" in str(params["method.activation"])
+
+
 def test_phase_diagram_is_schoenholz_et_als_setting_on_a_cpu():
     cfg = config("experiment=phase_diagram", hydra=True)
     validate(config("experiment=phase_diagram"))

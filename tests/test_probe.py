@@ -20,7 +20,8 @@ from stabbench.methods.base import Shape
 from stabbench.methods.lyapunov import he_variance, lyapunov_exponent
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ["network", "seed", "layer", "kind", "act_mean", "act_std", "act_log_norm", "grad_norm"]
+COLUMNS = ["network", "seed", "layer", "kind", "act_mean", "act_std", "act_log_norm", "grad_norm", "log_grad_norm",
+           "homogeneous"]
 
 
 def config(*overrides, hydra=False):
@@ -33,6 +34,15 @@ def probe_run(tmp_path, *overrides) -> dict:
     out = tmp_path / "_".join(o.replace("/", "") for o in overrides)[:120]
     out.mkdir(parents=True)
     return probe.run(config(*overrides), out)
+
+
+def probe_with_its_batch(tmp_path, *overrides):
+    """(probe.json, probe_layers.csv, the probe's batch (x, targets, task, n_outputs, source,
+    error), the method) for a direct computation on the same draws."""
+    summary = probe_run(tmp_path, *overrides)
+    layers = pd.read_csv(next(tmp_path.glob("*/probe_layers.csv")))
+    cfg = config(*overrides)
+    return summary, layers, probe.probe_batch(cfg, torch.device("cpu")), methods.create(cfg.method)
 
 
 def test_probe_command_writes_its_files(tmp_path):
@@ -80,11 +90,7 @@ def test_probe_outputs_go_under_results_probes_unless_overridden():
 def test_probe_figures_match_a_direct_computation(tmp_path):
     overrides = ("method=baseline", "method.activation=linear", "depth=3", "width=12", "probe.networks=2",
                  "probe.batch_size=16", "seed=2")
-    summary = probe_run(tmp_path, *overrides)
-    layers = pd.read_csv(next(tmp_path.glob("*/probe_layers.csv")))
-    cfg = config(*overrides)
-    x, targets, task, n_outputs, _ = probe.probe_batch(cfg, torch.device("cpu"))
-    method = methods.create(cfg.method)
+    summary, layers, (x, targets, _, n_outputs, _, _), method = probe_with_its_batch(tmp_path, *overrides)
     for network, seed in enumerate((2, 3)):
         torch.manual_seed(seed)
         model = method.build(Shape(x.shape[1], n_outputs, 3, 12))
@@ -154,3 +160,107 @@ def test_gpn_gradient_ratio_at_the_papers_shape(tmp_path):
     tanh = probe_run(tmp_path, "method=bsnn", "depth=200", "width=500", "probe.networks=4",
                      "probe.batch_size=32")["grad_norm_ratio"]  # the default GPN-tanh net
     assert tanh["max"] < 5, tanh
+
+
+# He's exponent at small widths is the Lyapunov paper's regime: at width 2 a net loses
+# ~1.4 nats a layer, so float32 activations are gone by layer 60 and float64 ones by 500.
+NARROW = [(2, 100), (4, 100), (16, 100), pytest.param(2, 600, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("width,depth", NARROW, ids=lambda v: str(v))
+def test_growth_matches_the_theory_in_narrow_deep_nets(tmp_path, width, depth):
+    common = (f"depth={depth}", f"width={width}", "probe.networks=16", "probe.batch_size=16",
+              "dataset=synthetic_regression")
+    he = probe_run(tmp_path, "method=baseline", "method.activation=leaky_relu", "method.init=he", *common)
+    theory = lyapunov_exponent(width, 0.01, math.sqrt(he_variance(0.01)), "gaussian")  # -1.435 at width 2
+    he_rate = he["lyapunov_exponent"]
+    assert abs(he_rate["mean"] - theory) < 3 * he_rate["se"], (he_rate, theory)
+    lyapunov = probe_run(tmp_path, "method=lyapunov", *common)["lyapunov_exponent"]
+    assert abs(lyapunov["mean"]) < 3 * lyapunov["se"], lyapunov
+    # every hidden layer's gradient norm is a finite number, so the ratio over them is too
+    layers = pd.read_csv(next(tmp_path.glob("*method.init=he*/probe_layers.csv")))
+    assert np.isfinite(layers[layers.kind == "hidden"].log_grad_norm).all()
+    assert he["grad_norm_ratio"]["median"] is not None
+
+
+def test_log_norms_and_gradient_norms_equal_float64_autograd(tmp_path):
+    """Depth 60 at width 2: float32 underflows (~e^-86) but float64 does not, so plain float64
+    autograd on the same draws is an independent reference for the renormalised figures."""
+    overrides = ("method=baseline", "method.activation=leaky_relu", "method.init=he", "depth=60", "width=2",
+                 "probe.networks=2", "probe.batch_size=8", "seed=3")
+    _, layers, (x, targets, _, n_outputs, _, _), method = probe_with_its_batch(tmp_path, *overrides)
+    for network, seed in enumerate((3, 4)):
+        torch.manual_seed(seed)
+        model = method.build(Shape(x.shape[1], n_outputs, 60, 2)).double()
+        out = model(x.double(), keep_hidden=True)
+        rows = layers[layers.network == network]
+        log_norms = [float(h.detach().norm(dim=1).log().mean()) for h in out["hidden"]]
+        assert log_norms[-1] < -60  # below float32's range
+        assert rows.act_log_norm.iloc[:60].to_numpy() == pytest.approx(log_norms, abs=1e-8)
+        torch.nn.functional.cross_entropy(out["logits"], targets).backward()
+        log_grads = [float(layer.weight.grad.norm().log()) for layer in model.layers]
+        assert rows.log_grad_norm.to_numpy() == pytest.approx(log_grads, abs=1e-8)
+        assert (rows.homogeneous == 1).all()
+
+
+def test_jacobian_with_batch_norm_is_the_map_at_initialisation(tmp_path):
+    """Batch norm in eval mode with the running statistics as built (mean 0, variance 1): the
+    probe's train-mode forward must not have moved them before the Jacobian is taken."""
+    overrides = ("method=bsnn", "method.batch_norm=true", "depth=3", "width=12", "probe.networks=2",
+                 "probe.batch_size=16", "seed=5")
+    summary, _, (x, _, _, n_outputs, _, _), method = probe_with_its_batch(tmp_path, *overrides)
+    expected = []
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        model = method.build(Shape(x.shape[1], n_outputs, 3, 12)).double().eval()
+        for example in x[:probe.JACOBIAN_EXAMPLES].double():
+            jac = torch.autograd.functional.jacobian(lambda e: model(e[None])["logits"][0], example)
+            expected.append(torch.linalg.svdvals(jac)[:10])
+    expected = torch.stack(expected)
+    jac = summary["jacobian_singular_values"]
+    assert jac["mean"] == pytest.approx(float(expected.mean()), rel=1e-9)
+    assert jac["min"] == pytest.approx(float(expected.min()), rel=1e-9)
+    assert jac["max"] == pytest.approx(float(expected.max()), rel=1e-9)
+
+
+def test_gaussian_error_is_backpropagated_from_the_last_hidden_layer(tmp_path):
+    """probe.error=gaussian: E = sum over examples of e_i . x_depth,i with e ~ N(0, I) drawn
+    independently of the forward pass; no output layer, no loss (the BSNN paper's synthetic setting)."""
+    overrides = ("method=bsnn", "method.activation=selu", "depth=5", "width=12", "dataset.features=12",
+                 "probe.networks=2", "probe.batch_size=8", "seed=1", "probe.error=gaussian")
+    summary, layers, (x, _, _, n_outputs, _, error), method = probe_with_its_batch(tmp_path, *overrides)
+    assert summary["error"] == "gaussian"
+    assert error.shape == (8, 12) and torch.equal(x, probe.probe_batch(config(*overrides[:-1]), torch.device("cpu"))[0])
+    for network, seed in enumerate((1, 2)):
+        torch.manual_seed(seed)
+        model = method.build(Shape(12, n_outputs, 5, 12)).double()
+        hidden = model(x.double(), keep_hidden=True)["hidden"]
+        (error.double() * hidden[-1]).sum().backward()
+        params = dict(model.named_parameters())
+        expected = [float(params[name].grad.norm().log()) for name in model.weight_param_names()[:-1]]
+        rows = layers[layers.network == network]
+        assert rows.log_grad_norm.iloc[:5].to_numpy() == pytest.approx(expected, abs=1e-9)
+        assert np.isnan(rows.log_grad_norm.iloc[5]) and rows.kind.iloc[5] == "output"  # no output layer in E
+
+
+def test_bad_error_mode_is_a_one_line_error(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "stabbench.cli", "probe", "probe.error=uniform", "device=cpu",
+                           f"hydra.run.dir={tmp_path / 'p'}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and not (tmp_path / "p").exists()
+    assert done.stderr.strip().splitlines() == [
+        "stabbench: error: probe.error='uniform' is not allowed; choose one of: loss, gaussian"]
+
+
+def test_a_probe_sweep_draws_its_probes_together(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, "-m", "stabbench.cli", "probe", "-m", "method=bsnn", "method.gpn=true,false",
+                           "depth=4", "width=8", "probe.networks=2", "probe.batch_size=8", "probe.error=gaussian",
+                           "device=cpu", f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list(sweep.glob("*/probe.json"))) == 2 and f"wrote {sweep / 'probe_sweep.png'}" in done.stdout
+    from PIL import Image
+
+    with Image.open(sweep / "probe_sweep.png") as image:
+        image.verify()
+    assert not (sweep / "report").exists()  # no training runs: no report

@@ -126,7 +126,26 @@ def test_diverged_seed_is_counted_and_left_out_of_the_means(sweep):
     assert row["n"] == 2 and row["diverged"] == 1
     assert row["train_loss_mean"] == pytest.approx(0.9)  # the surviving seed only
     assert np.isnan(row["train_loss_std"])  # one value: no spread to report
-    assert row["grad_norm_ratio_init_mean"] == pytest.approx(5.5)  # known before divergence
+    assert row["grad_norm_ratio_init_mean"] == pytest.approx(2.0)  # every mean: the diverged seed's 9.0 left out
+
+
+def test_a_diverged_seed_is_left_out_of_every_mean_whatever_its_summary_holds(tmp_path):
+    """An older summary.json kept a diverged seed's test_acc (argmax of NaN logits: the share of
+    class 0) while its test_loss was null: the table averaged one over all seeds, the other over
+    survivors. Every figure of a diverged seed is left out; the table and index.html count it."""
+    config = fake_config(seeds=3)
+    summaries = [fake_summary(config, 0, 1.0, 1.5, 0.60, 2.0, 3.0), fake_summary(config, 1, 1.2, 1.7, 0.70, 4.0, 5.0),
+                 {**fake_summary(config, 2, 9.0, 9.0, 0.0547, 6.0, 7.0), "diverged": True, "diverged_step": 3}]
+    make_run(tmp_path, "run", config, summaries)
+    report.write_report([tmp_path], tmp_path / "report", quiet=True)
+    row = pd.read_csv(tmp_path / "report" / "table.csv").iloc[0]
+    assert (row["n"], row["diverged"]) == (3, 1)
+    for key, survivors in (("test_acc", [0.6, 0.7]), ("test_loss", [1.5, 1.7]), ("train_loss", [1.0, 1.2]),
+                           ("grad_norm_ratio_init", [2.0, 4.0]), ("grad_norm_ratio_final", [3.0, 5.0])):
+        assert row[f"{key}_mean"] == pytest.approx(np.mean(survivors)), key
+        assert row[f"{key}_std"] == pytest.approx(statistics.stdev(survivors)), key
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "1 diverged" in page and "<th>diverged</th>" in page
 
 
 def test_runs_csv_has_one_row_per_seed_of_a_batched_run(tmp_path):

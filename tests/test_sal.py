@@ -1,5 +1,5 @@
 """method=sal: the stage schedule, the guidance terms, the frozen guide, warm start, base
-methods, bad schedules, and the data-scarce preset (stabbench/methods/sal.py, README.md, section sal)."""
+methods, bad schedules, and the data-scarce preset (stabbench/methods/sal.py, docs/methods/sal.md)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""baseline: x_l = phi(W_l x_{l-1} + b_l), a plain deep MLP (../shared/methods.md, section 1).
+"""baseline: x_l = phi(W_l x_{l-1} + b_l), a plain deep MLP (docs/methods/baseline.md).
 
 Options: method.activation (default tanh, the seed article's plain network),
 method.init = torch | xavier | he | lecun | orthogonal (method.gain), biases 0; or the

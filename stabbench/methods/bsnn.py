@@ -1,5 +1,5 @@
 """bsnn: Bidirectionally Self-Normalizing Neural Networks (Lu, Gould, Ajanthan; arXiv
-2006.12169; Neural Networks 167, 2023; ../shared/methods.md, section 4).
+2006.12169; Neural Networks 167, 2023; docs/methods/bsnn.md).
 
 A Gaussian-Poincare normalized (GPN) activation phi = a * phi0 + b, with a and b chosen so
 that E[phi(z)^2] = 1 and E[phi'(z)^2] = 1 for z ~ N(0, 1), and orthogonal square hidden

@@ -1,5 +1,5 @@
 """lyapunov: Lyapunov initialisation of bias-free leaky-ReLU nets (Kogler, Schwarz, Kittle,
-arXiv 2602.10949, 2026; ../shared/methods.md, section 5).
+arXiv 2602.10949, 2026; docs/methods/lyapunov.md).
 
 In a bias-free leaky-ReLU net phi(x) = max(x, alpha x) of width d, log ||x_l|| grows
 linearly in l with rate lambda (the Lyapunov exponent). For square layers
@@ -70,7 +70,7 @@ def _integrand(u: float, d: int, alpha2: float) -> float:
 
 @lru_cache(maxsize=None)
 def lyapunov_integral(d: int, negative_slope: float) -> float:
-    """J(d, alpha) = E log sum_i s_i z_i^2 (methods.md section 5), by adaptive quadrature in u = log t."""
+    """J(d, alpha) = E log sum_i s_i z_i^2 (docs/methods/lyapunov.md), by adaptive quadrature in u = log t."""
     from scipy.integrate import quad
 
     if d < 1:

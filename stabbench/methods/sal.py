@@ -1,5 +1,5 @@
 """sal: Self-Abstraction Learning (Cho, Kim, Kim, Kim, Jung; arXiv 2604.24313), our reading
-(../shared/methods.md, section 6; README.md, section sal says what we chose and why).
+(docs/methods/sal.md says what we chose and why).
 
 A schedule of depths d_1 < ... < d_K = depth. Stage 1 trains a d_1-layer net on the task
 alone; stage k trains a fresh d_k-layer net with the frozen stage k-1 net as guide:

@@ -1,6 +1,6 @@
 """self_stabilizer: x_l = phi(beta_l * (W_l x_{l-1}) + b_l), one learnable scalar beta_l per
 layer (Ghahremani & Droppo, "Self-stabilized deep neural network", ICASSP 2016;
-../shared/methods.md, section 2).
+docs/methods/self_stabilizer.md).
 
 Options: method.parametrization = exp (beta = exp(B), B = 0 at init; the paper's) |
 softplus (beta = softplus(s p) / s, CNTK's Stabilizer, s = method.steepness, default 4);

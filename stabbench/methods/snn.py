@@ -1,5 +1,5 @@
 """snn: Self-Normalizing Neural Networks (Klambauer et al., NeurIPS 2017, arXiv 1706.02515;
-../shared/methods.md, section 3).
+docs/methods/snn.md).
 
 SELU with torch's constants (alpha = 1.6732632..., lambda = 1.0507009...), weights
 N(0, 1/fan_in) (LeCun normal), biases 0, and optional alpha dropout after every hidden
