@@ -39,6 +39,7 @@ class ProbeConfig:
     networks: int = 16  # independent draws of the network
     batch_size: int = 64  # 64 x width values per layer: ample for the statistics, 4x cheaper than 256
     error: str = "loss"  # loss: the task loss's, through the output layer | gaussian: N(0, I) at the last hidden layer
+    jacobian_examples: int = 2  # inputs per draw whose deep Jacobian d x_depth / d x_1 is computed; 0: none
 
 
 @dataclass
@@ -118,6 +119,7 @@ def validate(cfg) -> None:
     check_range("probe.networks", cfg.probe.networks, low=1)
     check_range("probe.batch_size", cfg.probe.batch_size, low=1)
     check_choice("probe.error", cfg.probe.error, ("loss", "gaussian"))
+    check_range("probe.jacobian_examples", cfg.probe.jacobian_examples, low=0, high=cfg.probe.batch_size)
     check_range("bench.steps", cfg.bench.steps, low=1)
     check_range("bench.repeats", cfg.bench.repeats, low=1)
     check_choice("dataset", cfg.dataset.name, datasets.NAMES)

@@ -6,7 +6,8 @@ standard-normal inputs for the synthetic datasets) and an error backward (the lo
 with probe.error=gaussian a standard-normal one at the last hidden layer), renormalised
 layer by layer so that no figure underflows at any depth, and writes probe_layers.csv,
 probe.json and probe.png (and after a sweep, probe_sweep.png). The method is reached only through
-its interface (build, constants), so the probe works for every method.
+its interface (build, constants, mean_field), so the probe works for every method. The
+comparisons with mean-field theory live in probe_theory.py.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 import stabbench
-from stabbench import datasets, methods
+from stabbench import datasets, methods, probe_theory
 from stabbench.methods.base import Shape
 from stabbench.outputs import atomic_write_bytes, finite_or_none, write_csv, write_json
 from stabbench.train import build_ensemble, grad_norm_ratio, resolve_device, task_loss
@@ -272,13 +273,24 @@ def run(cfg, out_dir: Path) -> dict:
     seeds = list(range(cfg.seed, cfg.seed + cfg.probe.networks))
     chunk = draws_per_chunk(shape, len(x), len(seeds), device)
 
+    spec = method.mean_field(shape)
     per_layer: dict[str, list] = {}
     singular_values, constants = [], None
+    pre_activations: dict[str, list] = {}
+    deep_singular_values = []
     for start in range(0, len(seeds), chunk):
         ensemble = build_ensemble(method, shape, seeds[start:start + chunk], device)
         if constants is None:
             with torch.no_grad():
-                constants = method.constants(ensemble.member(0, device))
+                first = ensemble.member(0, device)
+                constants = method.constants(first)
+                activation = first.activation  # the network's own phi: the theory's
+                del first
+        for key, value in probe_theory.pre_activation_stats(ensemble, x, device).items():
+            pre_activations.setdefault(key, []).append(value)
+        if cfg.probe.jacobian_examples and depth >= 2 and start < probe_theory.JACOBIAN_DRAWS:
+            deep_singular_values.append(probe_theory.deep_jacobian_singular_values(
+                ensemble, x, cfg.probe.jacobian_examples, device, draws=probe_theory.JACOBIAN_DRAWS - start))
         if cfg.width <= JACOBIAN_MAX_WIDTH:
             # beyond rank min(width, inputs, outputs) the singular values are 0 up to rounding
             rank = min(cfg.width, x.shape[1], n_outputs)
@@ -293,6 +305,12 @@ def run(cfg, out_dir: Path) -> dict:
     per_layer = {k: np.concatenate(v) for k, v in per_layer.items()}  # [networks, depth+1]
     with np.errstate(over="ignore", under="ignore"):
         per_layer["grad_norm"] = np.exp(per_layer["log_grad_norm"])  # 0 or inf beyond float64: the log is the figure
+    pre_activations = {k: np.concatenate(v) for k, v in pre_activations.items()}  # q [E, depth], c [E, pairs, depth]
+    mean_field_block, curves = probe_theory.mean_field_block(spec, activation, x, pre_activations)
+    hidden_columns = {"q": pre_activations["q"], "c": pre_activations["c"].mean(1)}
+    hidden_columns.update({k: np.broadcast_to(v, pre_activations["q"].shape) for k, v in curves.items()})
+    for key, value in hidden_columns.items():  # hidden layers only: NaN on the output layer's row
+        per_layer[key] = np.concatenate([value, np.full((len(value), 1), np.nan)], 1)
 
     n_layers = depth + 1
     kinds = np.array(["input"] + ["hidden"] * (n_layers - 2) + ["output"])
@@ -325,7 +343,14 @@ def run(cfg, out_dir: Path) -> dict:
         "grad_norm_ratio": {**spread(ratios), "per_network": ratios.tolist(), "layers": f"2..{depth}"},
         "act_std_last_hidden": spread(per_layer["act_std"][:, depth - 1]),
         "jacobian_singular_values": None,
+        "mean_field": mean_field_block,
+        "deep_jacobian": None,
     }
+    if deep_singular_values:
+        deep_sv = np.concatenate(deep_singular_values)  # [draws, examples, width]
+        summary["deep_jacobian"] = probe_theory.deep_jacobian_block(deep_sv, mean_field_block, spec, activation, x, depth)
+    else:
+        deep_sv = None
     if singular_values:
         sv = np.concatenate(singular_values)  # [E, examples, k]
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -342,12 +367,12 @@ def run(cfg, out_dir: Path) -> dict:
                     "torch_version": torch.__version__, "config": OmegaConf.to_container(cfg, resolve=True)})
     summary = finite_or_none(summary)
     write_json(out_dir / "probe.json", summary)
-    plot(per_layer, summary, out_dir / "probe.png")
+    plot(per_layer, summary, out_dir / "probe.png", deep_sv)
     print_table(summary, out_dir)
     return summary
 
 
-def plot(per_layer: dict[str, np.ndarray], summary: dict, path: Path) -> None:
+def plot(per_layer: dict[str, np.ndarray], summary: dict, path: Path, deep_sv: np.ndarray | None = None) -> None:
     import io
 
     import matplotlib
@@ -356,7 +381,8 @@ def plot(per_layer: dict[str, np.ndarray], summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     layers = np.arange(1, per_layer["act_log_norm"].shape[1] + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig, grid = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
+    axes = grid[0]
     # log10 of the renormalised figures on a linear axis: right at any depth, where the
     # values themselves would be 0 or inf (a width-2 He net reaches 10^-370 by layer 600)
     panels = ((axes[0], "act_log_norm", "log10 ||x_l||, mean over examples"),
@@ -378,6 +404,8 @@ def plot(per_layer: dict[str, np.ndarray], summary: dict, path: Path) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.3g}"
     axes[0].set_title(f"forward: growth {fmt(exponent['mean'])} ± {fmt(exponent['se'])} nats/layer", fontsize=10)
     axes[1].set_title(f"backward: grad-norm max/min over hidden layers {fmt(ratio['median'])} (median)", fontsize=10)
+    probe_theory.plot_mean_field(grid[1, 0], per_layer, summary["mean_field"])
+    probe_theory.plot_deep_jacobian(grid[1, 1], deep_sv, summary["deep_jacobian"])
     fig.suptitle(f"{summary['method']} at init, depth {summary['depth']}, width {summary['width']}, "
                  f"{summary['dataset']} ({summary['inputs']}), error: {summary['error']}", fontsize=11)
     buffer = io.BytesIO()
@@ -403,6 +431,8 @@ def print_table(summary: dict, out_dir: Path) -> None:
     if summary["jacobian_singular_values"]:
         sv = summary["jacobian_singular_values"]
         table.add_row("Jacobian singular values", f"mean {fmt(sv['mean'])}  [{fmt(sv['min'])}, {fmt(sv['max'])}]")
+    for label, value in probe_theory.table_rows(summary["mean_field"], summary["deep_jacobian"], summary["depth"]):
+        table.add_row(label, value)
     for key, value in (summary["constants"] or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             table.add_row(key, fmt(value))

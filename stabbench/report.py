@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stabbench import phase_diagram
 from stabbench.errors import UserError
 from stabbench.outputs import atomic_write_text, write_csv
 
@@ -56,6 +57,7 @@ FIGURES = [  # file, caption (index.html)
     ("accuracy_vs_depth.png", "Final test accuracy (regression: test loss) against depth (error bars: std over seeds)"),
     ("beta_per_layer.png", "Self-stabilizer beta per layer over training (mean over seeds)"),
     ("activation_std_at_init.png", "Forward activation std per layer at initialisation"),
+    (phase_diagram.FIGURE, phase_diagram.CAPTION),
 ]
 
 
@@ -552,6 +554,7 @@ def write_figures(run_set: RunSet, out_dir: Path, runs: pd.DataFrame | None = No
     init = snapshots[snapshots["when"] == "init"] if "when" in snapshots else snapshots
     keep("activation_std_at_init.png", plots.activation_std_at_init(init, colors, order,
                                                                     out_dir / "activation_std_at_init.png"))
+    written += phase_diagram.write(run_set, out_dir)  # only when the runs vary method.weight_var and depth
     return written
 
 

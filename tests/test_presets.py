@@ -75,3 +75,15 @@ def test_bsnn_synthetic_is_the_papers_synthetic_probe():
     assert (cfg.probe.error, cfg.probe.batch_size) == ("gaussian", 500)
     params = cfg.hydra.sweeper.params
     assert str(params["method.gpn"]).split(",") == ["true", "false"] and "selu" in str(params["method.activation"])
+
+
+def test_phase_diagram_is_schoenholz_et_als_setting_on_a_cpu():
+    cfg = config("experiment=phase_diagram", hydra=True)
+    validate(config("experiment=phase_diagram"))
+    assert (cfg.method.name, cfg.method.activation, cfg.method.bias_var) == ("baseline", "tanh", 0.05)
+    assert cfg.dataset.name == "fashion_mnist" and cfg.width >= 100
+    assert (cfg.optimizer.name, cfg.optimizer.momentum) == ("sgd", 0.0) and cfg.max_steps == 200
+    grid = [float(v) for v in str(cfg.hydra.sweeper.params["method.weight_var"]).split(",")]
+    depths = [int(d) for d in str(cfg.hydra.sweeper.params.depth).split(",")]
+    assert min(grid) == 1.0 and max(grid) == 4.0 and len(grid) >= 5
+    assert max(depths) >= 100 and cfg.seeds >= 2

@@ -34,6 +34,26 @@ class Shape:
 
 
 @dataclass
+class MeanFieldSpec:
+    """What the mean-field theory of signal propagation (Poole et al. 2016; Schoenholz et al.
+    2017; docs/theory.md) needs to know of a method's network at initialisation: the weight
+    and bias variances in its terms, sigma_w^2 = fan_in * Var(W_ij) and sigma_b^2 = Var(b_i),
+    of the square hidden layers and of layer 1 (inputs -> width). The activation is taken
+    from the built network itself. `weight_var` None: the theory does not describe this
+    method's network, and `note` says why; otherwise `note` says where it is only approximate."""
+    weight_var: float | None = None
+    bias_var: float = 0.0
+    input_weight_var: float | None = None
+    input_bias_var: float = 0.0
+    weights: str = "gaussian"  # gaussian | uniform | orthogonal: the distribution the variances are of
+    note: str = ""
+
+    @property
+    def applies(self) -> bool:
+        return self.weight_var is not None
+
+
+@dataclass
 class Stage:
     """One network trained to the end. Most methods train a single stage of `depth`;
     a staged method (SAL) returns several, each later one guided by the one before."""
@@ -79,6 +99,12 @@ class Method:
     def constants(self, model: MLP) -> dict:
         """The method's derived constants for probe.json (e.g. GPN's a and b)."""
         return {}
+
+    def mean_field(self, shape: Shape) -> MeanFieldSpec:
+        """The weight and bias variances the mean-field theory should use for this method's
+        network of `shape` (probe.json's `mean_field` block, the report's phase diagram)."""
+        return MeanFieldSpec(note=f"method={self.cfg.name} does not declare its weight and bias variances "
+                                  "to the mean-field theory")
 
 
 def check_choice(key: str, value, allowed) -> None:

@@ -27,7 +27,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from stabbench import fast
 from stabbench.errors import UserError
-from stabbench.methods.base import Method, MethodConfig, Shape, check_choice, linear
+from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, check_choice, linear
 from stabbench.model import MLP, Activation, activation_fn
 
 CONSTRAINTS = ("rownorm", "orthogonal", "none")
@@ -186,6 +186,19 @@ class BSNN(Method):
             "init": "orthogonal (gain 1) for every layer; square hidden layers bias-free",
             "constraint": cfg.constraint, "batch_norm": cfg.batch_norm,
         }
+
+    def mean_field(self, shape: Shape) -> MeanFieldSpec:
+        if self.cfg.batch_norm:
+            return MeanFieldSpec(note="method.batch_norm=true renormalises every pre-activation over the batch: "
+                                      "the length and correlation maps do not describe it")
+        # Orthonormal rows (and, under rownorm, unit rows by construction): sigma_w^2 = 1, no bias.
+        # Layer 1 (in_features -> width), orthogonal: entries of variance 1 / max(in, width).
+        return MeanFieldSpec(
+            weight_var=1.0, bias_var=0.0, weights="orthogonal",
+            input_weight_var=shape.in_features / max(shape.in_features, shape.width), input_bias_var=0.0,
+            note="orthogonal square layers: the length and correlation maps are those of Gaussian weights "
+                 "of variance 1/width at large width (GPN puts q* = 1 and chi_1 = 1 there: the critical line); "
+                 "the Jacobian spectrum is not, see deep_jacobian; rownorm and orthogonal differ only once trained")
 
 
 METHOD = BSNN

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from stabbench.errors import UserError
-from stabbench.methods.base import Method, MethodConfig, Shape, check_choice, linear
+from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, check_choice, linear
 from stabbench.model import MLP, Activation
 
 WEIGHTS = ("gaussian", "orthogonal")
@@ -198,6 +198,18 @@ class Lyapunov(Method):
             if rate < best_rate:
                 best, best_rate = model, rate
         return best
+
+    def mean_field(self, shape: Shape) -> MeanFieldSpec:
+        # Square layers N(0, sigma^2/d) or eta*O: fan_in * Var(W_ij) = sigma^2 (eta^2) either way.
+        note = (f"width {shape.width}: the mean-field maps are the infinite-width limit, where leaky ReLU's "
+                "critical sigma_w^2 is 2/(1+alpha^2); Lyapunov's critical scale is the finite-width correction "
+                "(its log-norm's drift, not the mean of its square), so at small width the maps predict the "
+                "mean of q_l but not its typical value")
+        if self.cfg.sampling:
+            note += "; method.sampling keeps a selected draw, not a random one"
+        return MeanFieldSpec(weight_var=self.hidden_scale(shape.width) ** 2, bias_var=0.0,
+                             weights=self.cfg.weights, input_weight_var=he_variance(float(self.cfg.negative_slope)),
+                             input_bias_var=0.0, note=note)
 
     def constants(self, model: MLP) -> dict:
         alpha = float(self.cfg.negative_slope)

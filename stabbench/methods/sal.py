@@ -174,6 +174,11 @@ class Sal(Method):
             self.validate()
         return {"base": self.cfg.base, **self.base.constants(model)}
 
+    def mean_field(self, shape: Shape):
+        if self.base is None:
+            self.validate()
+        return self.base.mean_field(shape)  # the probe draws the last stage's network: the base's
+
     # -- training schedule -----------------------------------------------------------
     def schedule(self, depth: int) -> list[int]:
         cfg = self.cfg

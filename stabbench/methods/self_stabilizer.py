@@ -5,8 +5,8 @@ docs/methods/self_stabilizer.md).
 Options: method.parametrization = exp (beta = exp(B), B = 0 at init; the paper's) |
 softplus (beta = softplus(s p) / s, CNTK's Stabilizer, s = method.steepness, default 4);
 method.output_layer (default true: the output layer gets its own beta too). The
-network underneath is the baseline's (method.activation, method.init, method.gain) and
-is drawn in the same order, so with beta = 1 at init the same seed gives the same
+network underneath is the baseline's (method.activation, method.init, method.gain, or
+method.weight_var and method.bias_var in their place) and is drawn in the same order, so with beta = 1 at init the same seed gives the same
 outputs. Every layer reports its beta, which lands in layers.csv column `beta`.
 """
 from __future__ import annotations
@@ -20,8 +20,10 @@ import torch.nn.functional as F
 
 from stabbench import fast
 from stabbench.errors import UserError
-from stabbench.methods.base import Method, MethodConfig, Shape, check_choice, check_range, linear
-from stabbench.methods.baseline import INITS, init_weight
+from typing import Optional
+
+from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, check_choice, check_range, linear
+from stabbench.methods.baseline import INITS, init_layer, init_name, mean_field_spec, validate_variances
 from stabbench.model import MLP, Activation
 
 PARAMETRIZATIONS = ("exp", "softplus")
@@ -33,6 +35,8 @@ class Config(MethodConfig):
     parametrization: str = "exp"  # exp | softplus
     steepness: float = 4.0  # softplus only
     output_layer: bool = True  # a beta for the output layer too
+    weight_var: Optional[float] = None  # as baseline's: W ~ N(0, sigma_w^2 / fan_in), in place of init
+    bias_var: Optional[float] = None  # as baseline's: b ~ N(0, sigma_b^2), in place of zeros
 
 
 def softplus_param_for_unit_beta(steepness: float) -> float:
@@ -99,6 +103,7 @@ class SelfStabilizer(Method):
         check_choice("method.init", cfg.init, INITS)
         check_choice("method.parametrization", cfg.parametrization, PARAMETRIZATIONS)
         check_range("method.steepness", cfg.steepness, low=0, low_open=True)
+        validate_variances(cfg)
         if cfg.alpha_dropout != 0:
             raise UserError(f"method.alpha_dropout={cfg.alpha_dropout} is for method=snn only; allowed here: 0")
 
@@ -111,20 +116,20 @@ class SelfStabilizer(Method):
                       else linear(*pairs[-1]))
         # Same order of draws as baseline.build: every layer's nn.Linear draw, then each init.
         for layer in layers:
-            weight = layer.unscaled_weight if isinstance(layer, StabilizedLinear) else layer.weight
-            init_weight(weight, cfg.init, cfg.activation, cfg.negative_slope, cfg.gain)
-            if cfg.init != "torch":
-                nn.init.zeros_(layer.bias)
+            init_layer(layer.unscaled_weight if isinstance(layer, StabilizedLinear) else layer.weight, layer.bias, cfg)
         return MLP(layers, Activation(cfg.activation, cfg.negative_slope))
 
     @torch.no_grad()
     def constants(self, model: MLP) -> dict:
         return {
-            "init": self.cfg.init,
+            "init": init_name(self.cfg),
             "parametrization": self.cfg.parametrization,
             "beta": [layer.beta.item() for layer in model.layers if isinstance(layer, StabilizedLinear)],
             "weight_std": [layer.weight.std().item() for layer in model.layers[:2]],
         }
+
+    def mean_field(self, shape: Shape) -> MeanFieldSpec:
+        return mean_field_spec(self.cfg, shape)  # beta = 1 at init: the baseline's network
 
 
 METHOD = SelfStabilizer

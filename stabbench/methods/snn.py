@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stabbench.methods.base import Method, MethodConfig, Shape, check_choice, check_range, linear
+from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, check_choice, check_range, linear
 from stabbench.methods.baseline import init_weight
 from stabbench.model import MLP, Activation
 
@@ -57,6 +57,13 @@ class SNN(Method):
                                              for layer in model.layers[:2]],
             "alpha_dropout": self.cfg.alpha_dropout,
         }
+
+    def mean_field(self, shape: Shape) -> MeanFieldSpec:
+        note = "LeCun normal weights N(0, 1/fan_in), biases 0: the theory's own setting (sigma_w^2 = 1, sigma_b^2 = 0)"
+        if self.cfg.alpha_dropout > 0:
+            note += ("; alpha dropout is outside the theory: the measured q_l and c_l are of the same network "
+                     "without it")
+        return MeanFieldSpec(weight_var=1.0, bias_var=0.0, input_weight_var=1.0, input_bias_var=0.0, note=note)
 
 
 METHOD = SNN
