@@ -63,6 +63,77 @@ class Activation(nn.Module):
         return f"{self.name}, scale={self.scale:.4f}, shift={self.shift:.4f}"
 
 
+NORMS = ("none", "batch", "layer")
+
+
+class BatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over a [batch, width] pre-activation, or over stacked seeds [E, batch, width]
+    with each seed's own statistics, running statistics [E, width] and affine parameters.
+    Stacked, the seeds' channels sit side by side as E * width channels of one torch
+    batch_norm call: the same kernel, per channel, as a seed alone, and the running
+    statistics are updated in place through views of the stacked buffers."""
+
+    stacked_seeds = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.ndim == 1:  # one network (or one seed under vmap): torch's own
+            return super().forward(x)
+        seeds, batch, width = x.shape
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        out = F.batch_norm(x.transpose(0, 1).reshape(batch, seeds * width), self.running_mean.view(-1),
+                           self.running_var.view(-1), self.weight.view(-1), self.bias.view(-1),
+                           self.training, self.momentum, self.eps)
+        return out.view(batch, seeds, width).transpose(0, 1)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm over the width of a pre-activation; on stacked seeds each seed's own gain and bias."""
+
+    stacked_seeds = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.ndim == 1:
+            return super().forward(x)
+        return torch.addcmul(self.bias.unsqueeze(-2), F.layer_norm(x, self.normalized_shape, eps=self.eps),
+                             self.weight.unsqueeze(-2))
+
+
+def norm_layer(kind: str, width: int) -> nn.Module:
+    """The normalisation `method.norm` names ("batch" or "layer") for a layer of `width` units."""
+    return {"batch": BatchNorm, "layer": LayerNorm}[kind](width)
+
+
+class NormalizedLayer(nn.Module):
+    """A weight layer whose pre-activation is normalised (batch or layer norm) before the
+    activation. `.weight` and `diagnostics()` are the weight layer's own."""
+
+    stacked_seeds = True  # composes its parts; ensemble.runs_stacked checks them too
+
+    def __init__(self, linear_layer: nn.Module, norm: nn.Module):
+        super().__init__()
+        self.linear = linear_layer
+        self.norm = norm
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        return self.linear.diagnostics() if hasattr(self.linear, "diagnostics") else {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(x))
+
+
+def normalize_hidden(layers: list[nn.Module], kind: str, width: int) -> list[nn.Module]:
+    """`layers` (input layer, hidden layers, output layer) with `kind` of normalisation after
+    every layer but the output layer; unchanged for kind "none"."""
+    if kind == "none":
+        return layers
+    return [NormalizedLayer(layer, norm_layer(kind, width)) for layer in layers[:-1]] + layers[-1:]
+
+
 def init_gain(activation: str, negative_slope: float = 0.01) -> float:
     """He-style gain for an activation; torch's table where it has one, sqrt(2) for elu/gelu."""
     if activation in ("elu", "gelu"):

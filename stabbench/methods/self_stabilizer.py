@@ -4,7 +4,9 @@ layer (Ghahremani & Droppo, "Self-stabilized deep neural network", ICASSP 2016;
 
 Options: method.parametrization = exp (beta = exp(B), B = 0 at init; the paper's) |
 softplus (beta = softplus(s p) / s, CNTK's Stabilizer, s = method.steepness, default 4);
-method.output_layer (default true: the output layer gets its own beta too). The
+method.output_layer (default true: the output layer gets its own beta too); method.norm =
+none | batch | layer as the baseline's, after beta W x + b (batch norm divides a hidden
+layer's beta out again, up to its eps; layer norm nearly so while the biases are small). The
 network underneath is the baseline's (method.activation, method.init, method.gain) and
 is drawn in the same order, so with beta = 1 at init the same seed gives the same
 outputs. Every layer reports its beta, which lands in layers.csv column `beta`.
@@ -22,7 +24,7 @@ from stabbench import fast
 from stabbench.errors import UserError
 from stabbench.methods.base import Method, MethodConfig, Shape, check_choice, check_range, linear
 from stabbench.methods.baseline import INITS, init_weight
-from stabbench.model import MLP, Activation
+from stabbench.model import MLP, NORMS, Activation, NormalizedLayer, normalize_hidden
 
 PARAMETRIZATIONS = ("exp", "softplus")
 
@@ -33,6 +35,7 @@ class Config(MethodConfig):
     parametrization: str = "exp"  # exp | softplus
     steepness: float = 4.0  # softplus only
     output_layer: bool = True  # a beta for the output layer too
+    norm: str = "none"  # none | batch | layer, before every hidden activation
 
 
 def softplus_param_for_unit_beta(steepness: float) -> float:
@@ -90,6 +93,11 @@ class StabilizedLinear(nn.Module):
             f"(steepness={self.steepness:g})" if self.parametrization == "softplus" else "")
 
 
+def unnormalized(layer: nn.Module) -> nn.Module:
+    """The weight layer itself, inside a NormalizedLayer or not."""
+    return layer.linear if isinstance(layer, NormalizedLayer) else layer
+
+
 class SelfStabilizer(Method):
     Config = Config
 
@@ -98,6 +106,7 @@ class SelfStabilizer(Method):
         cfg = self.cfg
         check_choice("method.init", cfg.init, INITS)
         check_choice("method.parametrization", cfg.parametrization, PARAMETRIZATIONS)
+        check_choice("method.norm", cfg.norm, NORMS)
         check_range("method.steepness", cfg.steepness, low=0, low_open=True)
         if cfg.alpha_dropout != 0:
             raise UserError(f"method.alpha_dropout={cfg.alpha_dropout} is for method=snn only; allowed here: 0")
@@ -115,14 +124,15 @@ class SelfStabilizer(Method):
             init_weight(weight, cfg.init, cfg.activation, cfg.negative_slope, cfg.gain)
             if cfg.init != "torch":
                 nn.init.zeros_(layer.bias)
-        return MLP(layers, Activation(cfg.activation, cfg.negative_slope))
+        return MLP(normalize_hidden(layers, cfg.norm, shape.width), Activation(cfg.activation, cfg.negative_slope))
 
     @torch.no_grad()
     def constants(self, model: MLP) -> dict:
         return {
             "init": self.cfg.init,
             "parametrization": self.cfg.parametrization,
-            "beta": [layer.beta.item() for layer in model.layers if isinstance(layer, StabilizedLinear)],
+            "norm": self.cfg.norm,
+            "beta": [layer.beta.item() for layer in map(unnormalized, model.layers) if isinstance(layer, StabilizedLinear)],
             "weight_std": [layer.weight.std().item() for layer in model.layers[:2]],
         }
 
