@@ -48,10 +48,10 @@ class Activation(nn.Module):
 
     stacked_seeds = True  # elementwise
 
-    def __init__(self, name: str, negative_slope: float = 0.01, scale: float = 1.0, shift: float = 0.0):
+    def __init__(self, name: str, negative_slope: float = 0.01, scale: float = 1.0, shift: float = 0.0, base=None):
         super().__init__()
         self.name, self.negative_slope, self.scale, self.shift = name, negative_slope, scale, shift
-        self.base = activation_fn(name, negative_slope)
+        self.base = base or activation_fn(name, negative_slope)  # base: an elementwise function for `name`
 
     def forward(self, x):
         y = self.base(x)
@@ -166,17 +166,21 @@ class MLP(nn.Module):
 
     stacked_seeds = True
 
-    def __init__(self, layers: list[nn.Module], activation: nn.Module, dropout: nn.Module | None = None):
+    def __init__(self, layers: list[nn.Module], activation: nn.Module, dropout: nn.Module | None = None,
+                 input_map: nn.Module | None = None):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.activation = activation
         self.dropout = dropout
+        self.input_map = input_map  # a fixed map of each input before layer 1 (DKS's per-location normalisation)
 
     @property
     def depth(self) -> int:
         return len(self.layers) - 1
 
     def forward(self, x, record: bool = False, keep_hidden: bool = False):
+        if self.input_map is not None:
+            x = self.input_map(x)
         plain = None if keep_hidden else self._plain_activation(x)
         if plain is not None:  # the same numbers, less autograd bookkeeping (fast.plain_mlp)
             logits, hidden = fast.plain_mlp(x, [layer.weight for layer in self.layers],

@@ -22,7 +22,11 @@ NORMED = [("baseline", "method.norm=batch", "method.activation=relu", "method.in
           ("baseline", "method.norm=layer"), ("self_stabilizer", "method.norm=batch")]
 
 
-@pytest.mark.parametrize("variant", [(name,) for name in sorted(methods.REGISTRY)] + NORMED,
+# Each method at its defaults, but TAT at a C(0) target these 4 layers can reach (0.9 needs 13 or more).
+DEFAULTS = [("tat", "method.c_val_0_target=0.5") if name == "tat" else (name,) for name in sorted(methods.REGISTRY)]
+
+
+@pytest.mark.parametrize("variant", DEFAULTS + NORMED,
                          ids=lambda v: "-".join(v))
 def test_seed_k_of_a_batched_run_equals_a_run_of_seed_k(variant, tmp_path):
     method, *options = variant
@@ -63,7 +67,9 @@ def test_a_diverging_seed_stops_alone(tmp_path, monkeypatch):
 VARIANTS = [("baseline",), ("snn", "method.alpha_dropout=0.1"), ("bsnn",), ("bsnn", "method.constraint=none"),
             ("bsnn", "method.constraint=orthogonal"), ("bsnn", "method.batch_norm=true"), ("self_stabilizer",),
             ("self_stabilizer", "method.parametrization=softplus"), ("lyapunov",), ("sal",), *NORMED,
-            ("sal", "method.base=self_stabilizer", "+method.base_options.norm=layer")]
+            ("sal", "method.base=self_stabilizer", "+method.base_options.norm=layer"),
+            ("tat", "method.c_val_0_target=0.5"), ("tat", "method.transform=dks", "method.activation=softplus"),
+            ("sal", "method.base=tat", "method.depths=[2,4]", "+method.base_options.c_val_0_target=0.4")]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v))
