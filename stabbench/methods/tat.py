@@ -246,7 +246,11 @@ class TAT(Method):
         sizes = [shape.in_features + pln] + [shape.width] * shape.depth + [shape.out_features]
         layers = [linear(n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
         for layer in layers:
-            scaled_uniform_orthogonal_(layer.weight)
+            # dks 0.1.2's PyTorch sampler reads a 2-D tensor as [in, out] (JAX's layout); torch's
+            # Linear stores [out, in]. Given the weight itself it scales a 785 -> 128 layer's q by
+            # 6.1 and a 128 -> 10 one's by 0.078; given the transposed view (written in place) it
+            # keeps q, as the SUO distribution means to.
+            scaled_uniform_orthogonal_(layer.weight.T)
             nn.init.zeros_(layer.bias)
         return MLP(layers, TransformedActivation(self.cfg.activation, self.parameters(shape.depth)),
                    input_map=PerLocationNormalization() if pln else None)
