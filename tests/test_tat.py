@@ -67,6 +67,7 @@ def test_deeper_tat_network_bends_each_layer_less():
     assert 0 < shallow < deep < 1
 
 
+@pytest.mark.slow  # 84 orthogonal draws of 1024 x 1024
 def test_the_drawn_wide_network_has_the_c_map_it_promises():
     """On the drawn network itself: two orthogonal inputs of q = 1 come out of the last hidden
     layer with cosine similarity ~ the network's C(0) (finite width: within a few hundredths)."""
