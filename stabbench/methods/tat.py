@@ -57,6 +57,21 @@ class Config(MethodConfig):
 
 
 @functools.lru_cache(maxsize=None)
+def dks_modules():
+    """dks's activation transform and parameter sampler, imported on first use (every CLI
+    start imports all methods). absl, which dks logs through, binds its handler to sys.stderr
+    as it is at import; inside a captured call (pytest) that is a file closed before exit,
+    and the interpreter then dies at exit ("lost sys.stderr"): point it at the process's own."""
+    import sys
+
+    from absl import logging as absl_logging
+    from dks.pytorch import activation_transform, parameter_sampling_functions
+
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+    return activation_transform, parameter_sampling_functions
+
+
+@functools.lru_cache(maxsize=None)
 def transform_parameters(activation: str, transform: str, depth: int, target: float) -> dict[str, float]:
     """dks's transformation of `activation` for a plain MLP of `depth` nonlinear layers, as
     plain floats: input_scale (alpha), input_shift (beta), output_shift (delta), output_scale
@@ -65,7 +80,7 @@ def transform_parameters(activation: str, transform: str, depth: int, target: fl
     dks's public API returns the transformed activation as a closure; its numbers are read off
     the closure's variables (dks is pinned; tests/test_tat.py checks the module built from
     them against dks's own function)."""
-    from dks.pytorch.activation_transform import get_transformed_activations
+    get_transformed_activations = dks_modules()[0].get_transformed_activations
 
     def subnet_max(x, local_map):
         # A plain MLP's only subnetwork of interest is the whole chain: the local map `depth` times.
@@ -240,8 +255,7 @@ class TAT(Method):
         return transform_parameters(self.cfg.activation, self.cfg.transform, depth, self.target)
 
     def build(self, shape: Shape) -> MLP:
-        from dks.pytorch.parameter_sampling_functions import scaled_uniform_orthogonal_
-
+        scaled_uniform_orthogonal_ = dks_modules()[1].scaled_uniform_orthogonal_
         pln = self.cfg.input_normalization == "pln"
         sizes = [shape.in_features + pln] + [shape.width] * shape.depth + [shape.out_features]
         layers = [linear(n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
