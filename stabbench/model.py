@@ -48,10 +48,10 @@ class Activation(nn.Module):
 
     stacked_seeds = True  # elementwise
 
-    def __init__(self, name: str, negative_slope: float = 0.01, scale: float = 1.0, shift: float = 0.0):
+    def __init__(self, name: str, negative_slope: float = 0.01, scale: float = 1.0, shift: float = 0.0, base=None):
         super().__init__()
         self.name, self.negative_slope, self.scale, self.shift = name, negative_slope, scale, shift
-        self.base = activation_fn(name, negative_slope)
+        self.base = base or activation_fn(name, negative_slope)  # base: an elementwise function for `name`
 
     def forward(self, x):
         y = self.base(x)
@@ -61,6 +61,77 @@ class Activation(nn.Module):
 
     def extra_repr(self):
         return f"{self.name}, scale={self.scale:.4f}, shift={self.shift:.4f}"
+
+
+NORMS = ("none", "batch", "layer")
+
+
+class BatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over a [batch, width] pre-activation, or over stacked seeds [E, batch, width]
+    with each seed's own statistics, running statistics [E, width] and affine parameters.
+    Stacked, the seeds' channels sit side by side as E * width channels of one torch
+    batch_norm call: the same kernel, per channel, as a seed alone, and the running
+    statistics are updated in place through views of the stacked buffers."""
+
+    stacked_seeds = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.ndim == 1:  # one network (or one seed under vmap): torch's own
+            return super().forward(x)
+        seeds, batch, width = x.shape
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        out = F.batch_norm(x.transpose(0, 1).reshape(batch, seeds * width), self.running_mean.view(-1),
+                           self.running_var.view(-1), self.weight.view(-1), self.bias.view(-1),
+                           self.training, self.momentum, self.eps)
+        return out.view(batch, seeds, width).transpose(0, 1)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm over the width of a pre-activation; on stacked seeds each seed's own gain and bias."""
+
+    stacked_seeds = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.ndim == 1:
+            return super().forward(x)
+        return torch.addcmul(self.bias.unsqueeze(-2), F.layer_norm(x, self.normalized_shape, eps=self.eps),
+                             self.weight.unsqueeze(-2))
+
+
+def norm_layer(kind: str, width: int) -> nn.Module:
+    """The normalisation `method.norm` names ("batch" or "layer") for a layer of `width` units."""
+    return {"batch": BatchNorm, "layer": LayerNorm}[kind](width)
+
+
+class NormalizedLayer(nn.Module):
+    """A weight layer whose pre-activation is normalised (batch or layer norm) before the
+    activation. `.weight` and `diagnostics()` are the weight layer's own."""
+
+    stacked_seeds = True  # composes its parts; ensemble.runs_stacked checks them too
+
+    def __init__(self, linear_layer: nn.Module, norm: nn.Module):
+        super().__init__()
+        self.linear = linear_layer
+        self.norm = norm
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        return self.linear.diagnostics() if hasattr(self.linear, "diagnostics") else {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(x))
+
+
+def normalize_hidden(layers: list[nn.Module], kind: str, width: int) -> list[nn.Module]:
+    """`layers` (input layer, hidden layers, output layer) with `kind` of normalisation after
+    every layer but the output layer; unchanged for kind "none"."""
+    if kind == "none":
+        return layers
+    return [NormalizedLayer(layer, norm_layer(kind, width)) for layer in layers[:-1]] + layers[-1:]
 
 
 def init_gain(activation: str, negative_slope: float = 0.01) -> float:
@@ -95,17 +166,21 @@ class MLP(nn.Module):
 
     stacked_seeds = True
 
-    def __init__(self, layers: list[nn.Module], activation: nn.Module, dropout: nn.Module | None = None):
+    def __init__(self, layers: list[nn.Module], activation: nn.Module, dropout: nn.Module | None = None,
+                 input_map: nn.Module | None = None):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.activation = activation
         self.dropout = dropout
+        self.input_map = input_map  # a fixed map of each input before layer 1 (DKS's per-location normalisation)
 
     @property
     def depth(self) -> int:
         return len(self.layers) - 1
 
     def forward(self, x, record: bool = False, keep_hidden: bool = False):
+        if self.input_map is not None:
+            x = self.input_map(x)
         plain = None if keep_hidden else self._plain_activation(x)
         if plain is not None:  # the same numbers, less autograd bookkeeping (fast.plain_mlp)
             logits, hidden = fast.plain_mlp(x, [layer.weight for layer in self.layers],

@@ -149,12 +149,12 @@ def test_orthogonal_constraint_keeps_w_orthogonal_after_optimiser_steps():
 
 def test_batch_norm_trains_and_updates_running_statistics_per_member():
     initial, trained, ensemble = train_a_few_steps(make(batch_norm=True))
-    running_mean = ensemble.buffers["layers.1.batch_norm.running_mean"]
+    running_mean = ensemble.buffers["layers.1.norm.running_mean"]
     assert running_mean.abs().max() > 0
     assert not torch.equal(running_mean[0], running_mean[1])  # each member keeps its own
-    assert int(ensemble.buffers["layers.1.batch_norm.num_batches_tracked"][0]) == 8
-    assert len(trained[0].layers) == 6 and hasattr(trained[0].layers[1], "batch_norm")
-    assert not hasattr(trained[0].layers[-1], "batch_norm")  # not on the output layer
+    assert int(ensemble.buffers["layers.1.norm.num_batches_tracked"][0]) == 8
+    assert len(trained[0].layers) == 6 and isinstance(trained[0].layers[1].norm, torch.nn.BatchNorm1d)
+    assert not hasattr(trained[0].layers[-1], "norm")  # not on the output layer
 
 
 def hidden_grad_norms(model, width, seed=0):

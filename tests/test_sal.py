@@ -206,10 +206,12 @@ def test_warm_start_copies_guide_layers_by_the_matching(match):
 
 def test_base_methods_build_each_stage():
     shape = Shape(in_features=5, out_features=3, depth=3, width=6)
+    reachable = {"tat": ["c_val_0_target=0.5"]}  # TAT's default 0.9 needs 13 layers or more
     for base in sorted(set(methods.REGISTRY) - {"sal"}):
-        cfg = make_cfg("method=sal", f"method.base={base}")
+        options = reachable.get(base, [])
+        cfg = make_cfg("method=sal", f"method.base={base}", *(f"+method.base_options.{o}" for o in options))
         method = methods.create(cfg.method)
-        plain = methods.create(make_cfg(f"method={base}").method)
+        plain = methods.create(make_cfg(f"method={base}", *(f"method.{o}" for o in options)).method)
         torch.manual_seed(0)
         ours = method.build(shape)
         torch.manual_seed(0)

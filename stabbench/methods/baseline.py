@@ -5,6 +5,9 @@ method.init = torch | xavier | he | lecun | orthogonal (method.gain), biases 0; 
 mean-field theory's parametrization (Poole et al. 2016; Schoenholz et al. 2017, docs/theory.md):
 method.weight_var = sigma_w^2 draws every W ~ N(0, sigma_w^2 / fan_in) in place of method.init,
 method.bias_var = sigma_b^2 draws every b ~ N(0, sigma_b^2) in place of zeros.
+method.norm = none | batch | layer: BatchNorm1d or LayerNorm between every hidden layer's
+product and its activation (docs/methods/normalisation.md), the reference every SNN/BSNN
+paper compares against. With none the network is exactly the plain one.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, check_choice, check_range, linear
-from stabbench.model import MLP, Activation, init_gain
+from stabbench.model import MLP, NORMS, Activation, init_gain, normalize_hidden
 
 INITS = ("torch", "xavier", "he", "lecun", "orthogonal")
 
@@ -26,6 +29,7 @@ class Config(MethodConfig):
     name: str = "baseline"
     weight_var: Optional[float] = None  # sigma_w^2: W ~ N(0, sigma_w^2 / fan_in), in place of init
     bias_var: Optional[float] = None  # sigma_b^2: b ~ N(0, sigma_b^2), in place of zeros
+    norm: str = "none"  # none | batch | layer, before every hidden activation
 
 
 def validate_variances(cfg) -> None:
@@ -73,6 +77,9 @@ def init_variances(cfg, fan_in: int, fan_out: int) -> tuple[float, float, str]:
 
 def mean_field_spec(cfg, shape: Shape) -> MeanFieldSpec:
     """The theory's sigma_w^2, sigma_b^2 for baseline-built networks (baseline, self_stabilizer)."""
+    if cfg.norm != "none":
+        return MeanFieldSpec(note=f"method.norm={cfg.norm} renormalises every pre-activation: "
+                                  "the length and correlation maps do not describe it")
     weight_var, bias_var, weights = init_variances(cfg, shape.width, shape.width)
     input_weight_var, input_bias_var, _ = init_variances(cfg, shape.in_features, shape.width)
     notes = {
@@ -109,6 +116,7 @@ class Baseline(Method):
         super().validate()
         check_choice("method.init", self.cfg.init, INITS)
         validate_variances(self.cfg)
+        check_choice("method.norm", self.cfg.norm, NORMS)
 
     def build(self, shape: Shape) -> MLP:
         cfg = self.cfg
@@ -116,10 +124,11 @@ class Baseline(Method):
         layers = [linear(n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
         for layer in layers:
             init_layer(layer.weight, layer.bias, cfg)
-        return MLP(layers, Activation(cfg.activation, cfg.negative_slope))
+        return MLP(normalize_hidden(layers, cfg.norm, shape.width), Activation(cfg.activation, cfg.negative_slope))
 
     def constants(self, model: MLP) -> dict:
-        return {"init": init_name(self.cfg), "weight_std": [float(layer.weight.std()) for layer in model.layers[:2]]}
+        return {"init": init_name(self.cfg), "norm": self.cfg.norm,
+                "weight_std": [float(layer.weight.std()) for layer in model.layers[:2]]}
 
     def mean_field(self, shape: Shape) -> MeanFieldSpec:
         return mean_field_spec(self.cfg, shape)

@@ -28,7 +28,7 @@ from torch.nn.utils.parametrizations import orthogonal
 from stabbench import fast
 from stabbench.errors import UserError
 from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, check_choice, linear
-from stabbench.model import MLP, Activation, activation_fn
+from stabbench.model import MLP, Activation, activation_fn, normalize_hidden
 
 CONSTRAINTS = ("rownorm", "orthogonal", "none")
 
@@ -120,22 +120,6 @@ class RowNormalizedLinear(nn.Module):
         return f"{self.raw_weight.shape[1]}, {self.raw_weight.shape[0]}, rows normalised"
 
 
-class NormalizedLayer(nn.Module):
-    """A linear layer followed by BatchNorm1d (the pre-activation is normalised over the batch)."""
-
-    def __init__(self, linear_layer: nn.Module, width: int):
-        super().__init__()
-        self.linear = linear_layer
-        self.batch_norm = nn.BatchNorm1d(width)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.batch_norm(self.linear(x))
-
-
 def square_layer(width: int, constraint: str) -> nn.Module:
     # Every constraint starts from the same draw, so one seed gives one initial network.
     layer = linear(width, width, bias=False)
@@ -173,9 +157,8 @@ class BSNN(Method):
         cfg = self.cfg
         layers = [open_layer(shape.in_features, shape.width)]
         layers += [square_layer(shape.width, cfg.constraint) for _ in range(shape.depth - 1)]
-        if cfg.batch_norm:
-            layers = [NormalizedLayer(layer, shape.width) for layer in layers]
         layers.append(open_layer(shape.width, shape.out_features))
+        layers = normalize_hidden(layers, "batch" if cfg.batch_norm else "none", shape.width)
         return MLP(layers, GPNActivation(cfg.activation, cfg.negative_slope, cfg.gpn))
 
     def constants(self, model: MLP) -> dict:

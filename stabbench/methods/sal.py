@@ -160,7 +160,10 @@ class Sal(Method):
         self.temperature, self.output_loss = float(cfg.temperature), str(cfg.output_loss)
 
     def validate_run(self, cfg) -> None:
-        self.schedule(cfg.depth)  # a bad schedule fails before any sweep point runs
+        # a bad schedule fails before any sweep point runs, and so does a stage depth the base
+        # cannot build (tat: a target a shallow stage cannot reach)
+        for depth in self.schedule(cfg.depth):
+            self.base.validate_run(OmegaConf.merge(cfg, {"depth": depth}))
 
     # -- building: the base method's networks --------------------------------------
     def build(self, shape: Shape) -> MLP:

@@ -4,9 +4,12 @@ docs/methods/self_stabilizer.md).
 
 Options: method.parametrization = exp (beta = exp(B), B = 0 at init; the paper's) |
 softplus (beta = softplus(s p) / s, CNTK's Stabilizer, s = method.steepness, default 4);
-method.output_layer (default true: the output layer gets its own beta too). The
+method.output_layer (default true: the output layer gets its own beta too); method.norm =
+none | batch | layer as the baseline's, after beta W x + b (batch norm divides a hidden
+layer's beta out again, up to its eps; layer norm nearly so while the biases are small). The
 network underneath is the baseline's (method.activation, method.init, method.gain, or
-method.weight_var and method.bias_var in their place) and is drawn in the same order, so with beta = 1 at init the same seed gives the same
+method.weight_var and method.bias_var in their place) and is drawn in the same order, so with
+beta = 1 at init the same seed gives the same
 outputs. Every layer reports its beta, which lands in layers.csv column `beta`.
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Optional
 
 from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, check_choice, check_range, linear
 from stabbench.methods.baseline import INITS, init_layer, init_name, mean_field_spec, validate_variances
-from stabbench.model import MLP, Activation
+from stabbench.model import MLP, NORMS, Activation, NormalizedLayer, normalize_hidden
 
 PARAMETRIZATIONS = ("exp", "softplus")
 
@@ -37,6 +40,7 @@ class Config(MethodConfig):
     output_layer: bool = True  # a beta for the output layer too
     weight_var: Optional[float] = None  # as baseline's: W ~ N(0, sigma_w^2 / fan_in), in place of init
     bias_var: Optional[float] = None  # as baseline's: b ~ N(0, sigma_b^2), in place of zeros
+    norm: str = "none"  # none | batch | layer, before every hidden activation
 
 
 def softplus_param_for_unit_beta(steepness: float) -> float:
@@ -94,6 +98,11 @@ class StabilizedLinear(nn.Module):
             f"(steepness={self.steepness:g})" if self.parametrization == "softplus" else "")
 
 
+def unnormalized(layer: nn.Module) -> nn.Module:
+    """The weight layer itself, inside a NormalizedLayer or not."""
+    return layer.linear if isinstance(layer, NormalizedLayer) else layer
+
+
 class SelfStabilizer(Method):
     Config = Config
 
@@ -102,6 +111,7 @@ class SelfStabilizer(Method):
         cfg = self.cfg
         check_choice("method.init", cfg.init, INITS)
         check_choice("method.parametrization", cfg.parametrization, PARAMETRIZATIONS)
+        check_choice("method.norm", cfg.norm, NORMS)
         check_range("method.steepness", cfg.steepness, low=0, low_open=True)
         validate_variances(cfg)
         if cfg.alpha_dropout != 0:
@@ -117,14 +127,15 @@ class SelfStabilizer(Method):
         # Same order of draws as baseline.build: every layer's nn.Linear draw, then each init.
         for layer in layers:
             init_layer(layer.unscaled_weight if isinstance(layer, StabilizedLinear) else layer.weight, layer.bias, cfg)
-        return MLP(layers, Activation(cfg.activation, cfg.negative_slope))
+        return MLP(normalize_hidden(layers, cfg.norm, shape.width), Activation(cfg.activation, cfg.negative_slope))
 
     @torch.no_grad()
     def constants(self, model: MLP) -> dict:
         return {
             "init": init_name(self.cfg),
             "parametrization": self.cfg.parametrization,
-            "beta": [layer.beta.item() for layer in model.layers if isinstance(layer, StabilizedLinear)],
+            "norm": self.cfg.norm,
+            "beta": [layer.beta.item() for layer in map(unnormalized, model.layers) if isinstance(layer, StabilizedLinear)],
             "weight_std": [layer.weight.std().item() for layer in model.layers[:2]],
         }
 
