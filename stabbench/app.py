@@ -6,6 +6,7 @@ nothing written. Hydra's own flags (--help, --cfg job, -m, hydra.run.dir=...) pa
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -52,16 +53,18 @@ def _one_line(error: BaseException) -> str:
     return "; ".join(dict.fromkeys(parts)) or "invalid configuration"
 
 
-def check_overrides(argv: list[str], config_name: str, validate: Callable) -> None:
-    """Compose and validate each configuration the arguments describe; exit 2 on the first bad one."""
+def check_overrides(argv: list[str], config_name: str, validate: Callable) -> list[Path]:
+    """Compose and validate each configuration the arguments describe; exit 2 on the first
+    bad one. Returns the directories the jobs will write (see find_bad_config)."""
     try:
-        find_bad_config(argv, config_name, validate)
+        return find_bad_config(argv, config_name, validate)
     except UserError as error:
         fail(str(error))
 
 
-def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> None:
-    """Raise UserError for the first configuration of the arguments that is not valid."""
+def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> list[Path]:
+    """Raise UserError for the first configuration of the arguments that is not valid;
+    else return the output directory planned for each (none for Hydra's info flags)."""
     from hydra import compose, initialize_config_module
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra._internal.utils import get_args_parser
@@ -76,8 +79,9 @@ def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> No
     except SystemExit:
         raise
     if any(getattr(args, flag, None) for flag in INFO_FLAGS):
-        return
+        return []
     register_schemas()
+    planned = []
     try:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
         for override in parsed:
@@ -92,9 +96,11 @@ def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> No
             for number, combo in enumerate(combos):
                 cfg = compose(config_name=config_name, overrides=list(combo), return_hydra_config=True)
                 validate(cfg)
-                check_output_dir(planned_output_dir(cfg, args.multirun, number), cfg)
+                planned.append(planned_output_dir(cfg, args.multirun, number))
+                check_output_dir(planned[-1], cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         raise UserError(_one_line(error)) from None
+    return planned
 
 
 def planned_output_dir(cfg, multirun: bool, number: int) -> Path:
@@ -132,6 +138,37 @@ def check_output_dir(out_dir: Path, cfg) -> None:
     except OSError:
         raise UserError(f"output directory {out_dir} cannot be written ({existing} is not a writable folder); "
                         f"set hydra.run.dir / hydra.sweep.dir to a writable place") from None
+
+
+# What Hydra writes into a job's or a sweep's directory before stabbench writes anything.
+HYDRA_RECORDS = {".hydra", "stabbench.log", "multirun.yaml"}
+
+
+def holds_results(folder: Path) -> bool:
+    """Whether a run or sweep directory holds anything but Hydra's own records."""
+    try:
+        return bool(set(os.listdir(folder)) - HYDRA_RECORDS)
+    except OSError:
+        return False
+
+
+def existing_ancestors(path: Path) -> list[Path]:
+    """The folders of `path` (itself included) that exist now."""
+    path = Path(path).absolute()
+    return [folder for folder in (path, *path.parents) if folder.exists()]
+
+
+def remove_made(out_dir: Path, kept: set[Path]) -> None:
+    """Remove a job's directory that holds no results, then each folder above it (a sweep's
+    directory, results/runs) that holds nothing else and did not exist before the command."""
+    out_dir = Path(out_dir).absolute()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if not kept:  # nothing known of what existed before: leave the folders above alone
+        return
+    for folder in out_dir.parents:
+        if folder in kept or holds_results(folder) or not folder.exists():
+            break
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def previous_output_dir(argv: list[str], config_name: str) -> list[str]:
@@ -204,28 +241,38 @@ def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
 
     if validate is None:
         from stabbench.config import validate
-    check_overrides(argv, config_name, validate)
+    planned = check_overrides(argv, config_name, validate)
     register_schemas()
     earlier = previous_output_dir(argv, config_name) if continue_earlier else []
     if earlier:
         try:
-            find_bad_config(argv + earlier, config_name, validate)
+            planned = find_bad_config(argv + earlier, config_name, validate)
             argv = argv + earlier
         except UserError as error:  # e.g. stabbench's defaults changed since: keep that dir as it is
             print(f"stabbench: not continuing there ({error}); starting a new directory", flush=True)
+    # Folders that exist before Hydra makes any: a failed job's cleanup stops at them.
+    kept = {folder for path in planned for folder in existing_ancestors(path)}
 
     def job(cfg) -> None:
+        from stabbench import memory
+
         spread_over_gpus(HydraConfig.get())
         share_cpus(HydraConfig.get())
         out_dir = Path(HydraConfig.get().runtime.output_dir)
-        existed = {p.name for p in out_dir.iterdir()} - {".hydra", "stabbench.log"}
+        fresh = not holds_results(out_dir)
         try:
             validate(cfg)
             task(cfg, out_dir)
         except UserError as error:
-            if not existed:  # a directory this job just made holds nothing worth keeping
-                shutil.rmtree(out_dir, ignore_errors=True)
+            if fresh:  # a directory this job just made holds nothing worth keeping
+                remove_made(out_dir, kept)
             fail(str(error))
+        except BaseException as error:  # noqa: BLE001 - cleaned up, then reported or raised on
+            if fresh and not holds_results(out_dir):  # stopped before it wrote anything (Ctrl-C, out of memory)
+                remove_made(out_dir, kept)
+            if isinstance(error, Exception) and memory.is_out_of_memory(error):
+                fail(memory.out_of_memory_message(error))
+            raise
 
     main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name)(job)
     sys.argv = ["stabbench", *argv]

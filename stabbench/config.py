@@ -101,8 +101,7 @@ def validate(cfg) -> None:
 
         if not torch.cuda.is_available():
             raise UserError("device=cuda but no CUDA device is available here; use device=cpu or device=auto")
-    check_choice("optimizer", cfg.optimizer.name, ("sgd", "adam"))
-    check_range("optimizer.momentum", cfg.optimizer.momentum, low=0, high=1, high_open=True)
+    check_optimizer(cfg.optimizer)
     check_choice("trainer.cuda_graph", cfg.trainer.cuda_graph, ("auto", "on", "off"))
     if cfg.trainer.cuda_graph == "on" and cfg.device != "cuda":
         import torch
@@ -118,6 +117,27 @@ def validate(cfg) -> None:
     check_schema_keys(cfg)
     check_range("dataset.fraction", cfg.dataset.fraction, low=0, high=1, low_open=True)
     methods.create(cfg.method).validate_run(cfg)
+
+
+def check_optimizer(opt) -> None:
+    """Every optimiser option, with the others, as torch.optim would check it once the run
+    directory exists (SGD: momentum, nesterov; Adam: betas, eps), and the options that
+    would silently do nothing under the chosen optimiser."""
+    from stabbench.methods.base import check_choice, check_range
+
+    check_choice("optimizer", opt.name, ("sgd", "adam"))
+    check_range("optimizer.momentum", opt.momentum, low=0, high=1, high_open=True)
+    check_range("optimizer.weight_decay", opt.weight_decay, low=0)
+    check_range("optimizer.eps", opt.eps, low=0, low_open=True)
+    if len(opt.betas) != 2:
+        raise UserError(f"optimizer.betas={list(opt.betas)} must be two numbers [beta1, beta2], each >= 0 and < 1")
+    for index, beta in enumerate(opt.betas):
+        check_range(f"optimizer.betas[{index}]", beta, low=0, high=1, high_open=True)
+    if opt.name == "sgd" and opt.nesterov and opt.momentum == 0:
+        raise UserError("optimizer.nesterov=true needs optimizer.momentum > 0 (Nesterov momentum without momentum "
+                        "is undefined); set optimizer.momentum or optimizer.nesterov=false")
+    if opt.name == "adam" and opt.nesterov:
+        raise UserError("optimizer.nesterov=true is for optimizer=sgd only; Adam has no Nesterov option here")
 
 
 def check_schema_keys(cfg) -> None:

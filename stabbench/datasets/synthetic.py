@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stabbench.datasets import Data, DatasetConfig
+from stabbench.datasets import Data, DatasetConfig, Dimensions
 
 
 @dataclass
@@ -17,6 +17,10 @@ class Config(DatasetConfig):
     n_train: int = 8192
     n_test: int = 2048
     teacher_width: int = 64
+
+
+def dimensions(cfg) -> Dimensions:
+    return Dimensions(cfg.features, cfg.classes, cfg.n_train, cfg.n_test)
 
 
 def load(cfg) -> Data:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stabbench.datasets import Data, DatasetConfig
+from stabbench.datasets import Data, DatasetConfig, Dimensions
 
 
 @dataclass
@@ -16,6 +16,10 @@ class Config(DatasetConfig):
     outputs: int = 10
     n_train: int = 4096
     n_test: int = 1024
+
+
+def dimensions(cfg) -> Dimensions:
+    return Dimensions(cfg.features, cfg.outputs, cfg.n_train, cfg.n_test, "regression")
 
 
 def load(cfg) -> Data:
