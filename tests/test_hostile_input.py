@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from conftest import TINY, compose
 from stabbench import checkpoint
+from stabbench.errors import UserError
 
 SMALL = TINY + ["depth=2", "device=cpu"]
 
@@ -113,6 +114,20 @@ CASES = [
     (["method=snn", "method.alpha_dropout=-0.05"], ["method.alpha_dropout=-0.05", ">= 0 and < 1"]),
     (["method=lyapunov", "method.negative_slope=0"], ["method.negative_slope=0", "allowed: any finite nonzero"]),
     (["device=tpu"], ["device='tpu'", "auto, cpu, cuda"]),
+    # optimiser options, each with the others, before torch.optim sees them
+    (["optimizer=adam", "optimizer.betas=[2,0.5]"], ["optimizer.betas[0]=2.0", ">= 0 and < 1"]),
+    (["optimizer=adam", "optimizer.betas=[0.9,1]"], ["optimizer.betas[1]=1.0", ">= 0 and < 1"]),
+    (["optimizer=adam", "optimizer.betas=[0.9,nan]"], ["optimizer.betas[1]=nan", "not a finite number"]),
+    (["optimizer=adam", "optimizer.betas=[0.9]"], ["optimizer.betas=[0.9]", "two numbers"]),
+    (["optimizer=adam", "optimizer.betas=[]"], ["optimizer.betas=[]", "two numbers"]),
+    (["optimizer=adam", "optimizer.eps=-1"], ["optimizer.eps=-1.0", "allowed: > 0"]),
+    (["optimizer=adam", "optimizer.eps=0"], ["optimizer.eps=0.0", "allowed: > 0"]),
+    (["optimizer=adam", "optimizer.weight_decay=-0.1"], ["optimizer.weight_decay=-0.1", "allowed: >= 0"]),
+    (["optimizer=adam", "optimizer.nesterov=true"], ["optimizer.nesterov=true", "optimizer=sgd only"]),
+    (["optimizer.weight_decay=inf"], ["optimizer.weight_decay=inf", "not a finite number"]),
+    (["optimizer.momentum=1"], ["optimizer.momentum=1.0", ">= 0 and < 1"]),
+    (["optimizer.nesterov=true", "optimizer.momentum=0"], ["optimizer.nesterov=true", "momentum > 0"]),
+    (["-m", "optimizer=adam", "optimizer.eps=1e-8,0"], ["optimizer.eps=0.0", "allowed: > 0"]),
     # one bad point of a sweep stops the whole sweep before any point runs
     (["-m", "depth=2,0"], ["depth=0", "allowed: >= 1"]),
     (["-m", "hydra/launcher=joblib", "lr=0.1,-1"], ["lr=-1", "allowed: > 0"]),
@@ -427,3 +442,84 @@ def test_resume_without_its_csvs_is_a_one_line_error(cli, tmp_path):
     (tmp_path / "r" / "layers.csv").unlink()
     code, out, err = cli(*args)
     assert code == 2 and "no layers.csv" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# -- optimiser options: refused exactly when torch would refuse them (or stricter) -------------
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.sampled_from(["sgd", "adam"]),
+       momentum=st.sampled_from([0.0, 0.5, 0.9, 1.0, 1.5, -0.1, float("nan"), float("inf")]),
+       nesterov=st.booleans(),
+       betas=st.lists(st.sampled_from([0.0, 0.5, 0.999, 1.0, 2.0, -0.1, float("nan")]), max_size=3),
+       eps=st.sampled_from([1e-8, 0.0, -1.0, float("nan"), float("inf"), 1e30]),
+       weight_decay=st.sampled_from([0.0, 1e-4, -0.1, float("nan"), float("inf")]))
+def test_optimiser_options_accepted_are_options_torch_accepts(name, momentum, nesterov, betas, eps, weight_decay):
+    """Whatever check_optimizer lets through builds a torch optimiser that steps; whatever
+    torch refuses, check_optimizer refused first (before any directory exists)."""
+    from types import SimpleNamespace
+
+    from stabbench import train
+    from stabbench.config import check_optimizer
+
+    opt = SimpleNamespace(name=name, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
+                          weight_decay=weight_decay)
+    try:
+        check_optimizer(opt)
+        accepted = True
+    except UserError as error:
+        accepted = False
+        assert "\n" not in str(error) and str(error).startswith("optimizer")
+    params = [torch.zeros(2, 3, requires_grad=True)]
+    try:
+        optimizer = train.make_optimizer(SimpleNamespace(optimizer=opt, lr=0.1), params)
+        params[0].grad = torch.ones_like(params[0])
+        optimizer.step()
+        torch_accepts = True
+    except (ValueError, TypeError, RuntimeError, IndexError):
+        torch_accepts = False
+    assert torch_accepts or not accepted, (opt, "accepted, but torch refuses it")
+
+
+# -- a job that fails before its first step leaves no directory -----------------------------
+
+def fail_in_job(monkeypatch, on_seed: int | None = None, error=ValueError("a bug")):
+    """train.run raises `error` (for one seed only, if given) before it writes anything."""
+    from stabbench import train
+
+    original = train.run
+
+    def run(cfg, out_dir):
+        if on_seed is None or cfg.seed == on_seed:
+            raise error
+        return original(cfg, out_dir)
+
+    monkeypatch.setattr(train, "run", run)
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug"), KeyboardInterrupt()])
+def test_a_run_failing_before_its_first_step_leaves_no_directory(cli, tmp_path, monkeypatch, error):
+    fail_in_job(monkeypatch, error=error)
+    code, out, err = cli("run", *SMALL)
+    assert code == (130 if isinstance(error, KeyboardInterrupt) else 1)
+    assert not (tmp_path / "results").exists()  # neither the run's folder nor results/ made for it
+
+
+def test_a_sweep_failing_at_its_first_point_leaves_no_sweep_directory(cli, tmp_path, monkeypatch):
+    (tmp_path / "results").mkdir()  # existed before: kept
+    fail_in_job(monkeypatch, error=RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                                "99 bytes"))
+    code, out, err = cli("run", "-m", *SMALL, "seed=0,1")
+    assert_one_line_error(code, out, err, "out of memory")
+    assert list(tmp_path.rglob("*")) == [tmp_path / "results"]
+
+
+def test_a_sweep_failing_at_a_later_point_keeps_the_finished_ones(cli, tmp_path, monkeypatch):
+    from stabbench import report
+
+    monkeypatch.setattr(report, "write_run_figures", lambda out_dir: [])
+    fail_in_job(monkeypatch, on_seed=1, error=UserError("seed 1 refused"))
+    code, out, err = cli("run", "-m", *SMALL, "seed=0,1")
+    assert_one_line_error(code, out, err, "seed 1 refused")
+    [sweep] = list((tmp_path / "results" / "sweeps").iterdir())
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_baseline_synthetic_d2_w16_s0"]
+    assert (sweep / "0_baseline_synthetic_d2_w16_s0" / "summary.json").exists()
