@@ -67,17 +67,13 @@ def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> li
     else return the output directory planned for each (none for Hydra's info flags)."""
     from hydra import compose, initialize_config_module
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from stabbench.config import register_schemas
 
-    try:
-        args = get_args_parser().parse_args(argv)
-    except SystemExit:
-        raise
+    args = parse_arguments(argv)
     if any(getattr(args, flag, None) for flag in INFO_FLAGS):
         return []
     register_schemas()
@@ -101,6 +97,27 @@ def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> li
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         raise UserError(_one_line(error)) from None
     return planned
+
+
+def flags_first(argv: list[str]) -> list[str]:
+    """`stabbench run depth=2,3 -m` as `-m depth=2,3`: Hydra's parser takes the overrides as
+    one run of positional arguments, so a flag after them would leave the rest unrecognised."""
+    switches = [a for a in argv if a in ("-m", "--multirun")]
+    return switches + [a for a in argv if a not in switches]
+
+
+def parse_arguments(argv: list[str]):
+    """Hydra's command-line arguments; a malformed one is a UserError (one line), not
+    argparse's usage text."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message: str):
+        raise UserError(f"{message}; Hydra's flags go before the overrides (see --help)")
+
+    parser.error = error
+    return parser.parse_args(argv)
 
 
 def planned_output_dir(cfg, multirun: bool, number: int) -> Path:
@@ -176,10 +193,9 @@ def previous_output_dir(argv: list[str], config_name: str) -> list[str]:
     sweep) was started with exactly these overrides, reuse its directory, so finished runs
     are skipped (skip_done) and checkpointed ones resume. Returns the override to add."""
     from hydra import compose, initialize_config_module
-    from hydra._internal.utils import get_args_parser
     from omegaconf import OmegaConf
 
-    args = get_args_parser().parse_args(argv)
+    args = parse_arguments(argv)
     if any(getattr(args, flag, None) for flag in INFO_FLAGS):
         return []
     task = sorted(o for o in args.overrides if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra")))
@@ -241,6 +257,7 @@ def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
 
     if validate is None:
         from stabbench.config import validate
+    argv = flags_first(argv)
     planned = check_overrides(argv, config_name, validate)
     register_schemas()
     earlier = previous_output_dir(argv, config_name) if continue_earlier else []

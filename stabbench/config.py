@@ -82,6 +82,9 @@ def register_schemas() -> None:
         store.store(group="dataset", name=f"{name}_schema", node=dataset_module.Config)
 
 
+SEED_MAX = 2 ** 32 - 1
+
+
 def validate(cfg) -> None:
     """Range and choice checks Hydra's types cannot express; raises UserError naming the
     bad value and what is allowed. Runs before any run directory is made."""
@@ -90,7 +93,12 @@ def validate(cfg) -> None:
 
     for key in ("depth", "width", "batch_size", "epochs", "seeds", "log_every"):
         check_range(key, cfg[key], low=1)
-    check_range("seed", cfg.seed, low=0)
+    # torch seeds generators with 64-bit integers, and the data order's with seed x 1,000,003:
+    # 32-bit seeds keep every derived seed in range.
+    check_range("seed", cfg.seed, low=0, high=SEED_MAX)
+    check_range("seed + seeds - 1", cfg.seed + cfg.seeds - 1, high=SEED_MAX)
+    check_range("seed + probe.networks - 1", cfg.seed + cfg.probe.networks - 1, high=SEED_MAX)
+    check_range("dataset.seed", cfg.dataset.seed, low=0, high=SEED_MAX)
     if cfg.max_steps is not None:
         check_range("max_steps", cfg.max_steps, low=1)
     check_range("checkpoint_every", cfg.checkpoint_every, low=0)

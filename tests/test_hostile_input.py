@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 from omegaconf import OmegaConf
 
 from conftest import TINY, compose
@@ -523,3 +523,115 @@ def test_a_sweep_failing_at_a_later_point_keeps_the_finished_ones(cli, tmp_path,
     [sweep] = list((tmp_path / "results" / "sweeps").iterdir())
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_baseline_synthetic_d2_w16_s0"]
     assert (sweep / "0_baseline_synthetic_d2_w16_s0" / "summary.json").exists()
+
+
+# -- property: every key of the composed config, driven end to end ---------------------------
+
+def schema_keys() -> list[tuple[str | None, str | None, str]]:
+    """(method, dataset, dotted key) for every key of every composable config, read from
+    the schemas (a new key is covered as soon as it is declared): the top-level keys and
+    their nested groups, and each method's and each dataset's own options (method/dataset
+    None: the key exists whichever is chosen)."""
+    from dataclasses import fields, is_dataclass
+
+    from stabbench import datasets, methods
+    from stabbench.config import Config
+
+    def walk(schema, prefix: str) -> list[str]:
+        keys = []
+        for f in fields(schema):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            if is_dataclass(default):
+                keys += walk(type(default), f"{prefix}{f.name}.")
+            elif f.name not in ("method", "dataset") or prefix:
+                keys.append(prefix + f.name)
+        return keys
+
+    keys = [(None, None, key) for key in walk(Config, "")]
+    keys += [(name, None, key) for name, method in sorted(methods.REGISTRY.items()) for key in walk(method.Config, "method.")]
+    keys += [(None, name, key) for name, module in sorted(datasets.REGISTRY.items())
+             if name.startswith("synthetic")  # the file datasets need files (tested above), and may download
+             for key in walk(module.Config, "dataset.")]
+    return keys
+
+
+HOSTILE = ["-1", "0", "-0.5", "nan", "inf", "-inf", "1e30", "10000000000000", str(2 ** 63), "abc", "''", "[]",
+           "[1,2]", "[-1]", "{}", "null", "true"]
+# A tiny run: a few steps, so that an accepted config is trained to the end in about a second.
+PROPERTY_BASE = ["width=4", "depth=2", "epochs=1", "batch_size=16", "max_steps=2", "log_every=1", "device=cpu",
+                 "trainer.eval_batch_size=32", "dataset.n_train=64", "dataset.n_test=32", "seeds=1"]
+TIME_KEYS = {"epochs", "max_steps"}  # hostile values in both at once could train for ever
+
+
+@st.composite
+def hostile_runs(draw, max_keys: int = 2) -> list[str]:
+    keys = schema_keys()
+    method = draw(st.sampled_from(sorted({m for m, _, _ in keys if m})))
+    dataset = draw(st.sampled_from(sorted({d for _, d, _ in keys if d})))
+    allowed = sorted({key for m, d, key in keys if m in (None, method) and d in (None, dataset)})
+    chosen = draw(st.lists(st.sampled_from(allowed), min_size=1, max_size=max_keys, unique=True)
+                  .filter(lambda ks: not TIME_KEYS <= set(ks)))
+    hostile = [f"{key}={draw(st.sampled_from(HOSTILE))}" for key in chosen]
+    base = [o for o in PROPERTY_BASE if o.split("=")[0] not in chosen]
+    return [f"method={method}", f"dataset={dataset}", *base, *hostile]
+
+
+def run_hostile(call, cwd: Path, overrides: list[str]) -> str:
+    """`stabbench run OVERRIDES` in cwd: exit 0 with a complete run, or exit 2 with one line
+    and nothing written; never a traceback. Returns what happened, for hypothesis' events."""
+    with contextlib.chdir(cwd):
+        code, out, err = call("run", *overrides)
+    assert "Traceback" not in out + err, (overrides, err[-3000:])
+    if code == 0:
+        [run] = [p.parent for p in cwd.rglob("summary.json")]
+        assert {"summary.json", "metrics.csv", "layers.csv"} <= {p.name for p in run.iterdir()}, overrides
+        assert not (run / checkpoint.FILENAME).exists()
+        return "ran"
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("stabbench: error: "), (overrides, code, err[-3000:])
+    assert not list(cwd.iterdir()), (overrides, "left behind", list(cwd.rglob("*")))
+    return "refused: " + lines[0].split(":")[2].strip()[:30]
+
+
+@pytest.fixture
+def quiet_runs(monkeypatch):
+    from stabbench import report
+
+    monkeypatch.setattr(report, "write_run_figures", lambda out_dir: [])  # figures are tested elsewhere
+
+
+def test_schema_keys_reach_every_group():
+    keys = {key for _, _, key in schema_keys()}
+    assert {"depth", "optimizer.betas", "trainer.cuda_graph", "probe.networks", "bench.steps", "method.activation",
+            "method.depths", "method.weights", "method.parametrization", "dataset.n_train", "dataset.outputs",
+            "dataset.fraction"} <= keys
+
+
+@pytest.mark.parametrize("method, dataset, key", schema_keys(), ids=lambda v: str(v))
+def test_every_key_with_a_hostile_value_runs_or_is_refused_in_one_line(capsys, tmp_path, quiet_runs, method, dataset,
+                                                                       key):
+    """Each key of the composed config, one hostile value each (taken in turn through HOSTILE)."""
+    from conftest import in_process_cli
+
+    index = [k for _, _, k in schema_keys()].index(key)
+    value = HOSTILE[index % len(HOSTILE)]
+    groups = [f"method={method or 'baseline'}", f"dataset={dataset or 'synthetic'}"]
+    base = [o for o in PROPERTY_BASE if o.split("=")[0] != key]
+    run_hostile(in_process_cli(capsys), tmp_path, [*groups, *base, f"{key}={value}"])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(overrides=hostile_runs())
+def test_hostile_values_anywhere_run_or_are_refused_in_one_line(capsys, tmp_path_factory, quiet_runs, overrides):
+    from conftest import in_process_cli
+
+    event(run_hostile(in_process_cli(capsys), tmp_path_factory.mktemp("cwd", numbered=True), overrides))
+
+
+@pytest.mark.slow
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(overrides=hostile_runs(max_keys=4))
+def test_many_hostile_values_anywhere_run_or_are_refused_in_one_line(capsys, tmp_path_factory, quiet_runs, overrides):
+    from conftest import in_process_cli
+
+    event(run_hostile(in_process_cli(capsys), tmp_path_factory.mktemp("cwd", numbered=True), overrides))
