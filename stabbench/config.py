@@ -124,6 +124,7 @@ def validate(cfg) -> None:
     check_choice("dataset", cfg.dataset.name, datasets.NAMES)
     check_schema_keys(cfg)
     check_range("dataset.fraction", cfg.dataset.fraction, low=0, high=1, low_open=True)
+    datasets.validate(cfg.dataset)
     methods.create(cfg.method).validate_run(cfg)
 
 

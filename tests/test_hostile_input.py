@@ -128,6 +128,14 @@ CASES = [
     (["optimizer.momentum=1"], ["optimizer.momentum=1.0", ">= 0 and < 1"]),
     (["optimizer.nesterov=true", "optimizer.momentum=0"], ["optimizer.nesterov=true", "momentum > 0"]),
     (["-m", "optimizer=adam", "optimizer.eps=1e-8,0"], ["optimizer.eps=0.0", "allowed: > 0"]),
+    # holes the property test below found: tracebacks from torch / the data generator
+    (["seed=9223372036854775808"], ["seed=9223372036854775808", "<= 4294967295"]),
+    (["seed=4294967295", "seeds=2"], ["seed + seeds - 1=4294967296", "<= 4294967295"]),
+    (["dataset.seed=-1"], ["dataset.seed=-1", ">= 0"]),
+    (["dataset.n_train=0"], ["dataset.n_train=0", "allowed: >= 1"]),
+    (["dataset.features=-1"], ["dataset.features=-1", "allowed: >= 1"]),
+    (["dataset.classes=1"], ["dataset.classes=1", "allowed: >= 2"]),
+    (["dataset=synthetic_regression", "dataset.outputs=-1"], ["dataset.outputs=-1", "allowed: >= 1"]),
     # one bad point of a sweep stops the whole sweep before any point runs
     (["-m", "depth=2,0"], ["depth=0", "allowed: >= 1"]),
     (["-m", "hydra/launcher=joblib", "lr=0.1,-1"], ["lr=-1", "allowed: > 0"]),
@@ -527,36 +535,38 @@ def test_a_sweep_failing_at_a_later_point_keeps_the_finished_ones(cli, tmp_path,
 
 # -- property: every key of the composed config, driven end to end ---------------------------
 
-def schema_keys() -> list[tuple[str | None, str | None, str]]:
-    """(method, dataset, dotted key) for every key of every composable config, read from
-    the schemas (a new key is covered as soon as it is declared): the top-level keys and
+def schema_keys() -> list[tuple[str | None, str | None, str, bool]]:
+    """(method, dataset, dotted key, numeric) for every key of every composable config, read
+    from the schemas (a new key is covered as soon as it is declared): the top-level keys and
     their nested groups, and each method's and each dataset's own options (method/dataset
-    None: the key exists whichever is chosen)."""
+    None: the key exists whichever is chosen); numeric: the key holds numbers."""
     from dataclasses import fields, is_dataclass
 
     from stabbench import datasets, methods
     from stabbench.config import Config
 
-    def walk(schema, prefix: str) -> list[str]:
+    def walk(schema, prefix: str) -> list[tuple[str, bool]]:
         keys = []
         for f in fields(schema):
             default = f.default_factory() if callable(f.default_factory) else f.default
             if is_dataclass(default):
                 keys += walk(type(default), f"{prefix}{f.name}.")
             elif f.name not in ("method", "dataset") or prefix:
-                keys.append(prefix + f.name)
+                keys.append((prefix + f.name, any(t in str(f.type) for t in ("int", "float"))))
         return keys
 
-    keys = [(None, None, key) for key in walk(Config, "")]
-    keys += [(name, None, key) for name, method in sorted(methods.REGISTRY.items()) for key in walk(method.Config, "method.")]
-    keys += [(None, name, key) for name, module in sorted(datasets.REGISTRY.items())
+    keys = [(None, None, *key) for key in walk(Config, "")]
+    keys += [(name, None, *key) for name, method in sorted(methods.REGISTRY.items())
+             for key in walk(method.Config, "method.")]
+    keys += [(None, name, *key) for name, module in sorted(datasets.REGISTRY.items())
              if name.startswith("synthetic")  # the file datasets need files (tested above), and may download
              for key in walk(module.Config, "dataset.")]
     return keys
 
 
-HOSTILE = ["-1", "0", "-0.5", "nan", "inf", "-inf", "1e30", "10000000000000", str(2 ** 63), "abc", "''", "[]",
-           "[1,2]", "[-1]", "{}", "null", "true"]
+HOSTILE_NUMBERS = ["-1", "0", "-0.5", "nan", "inf", "-inf", "1e30", "10000000000000", str(2 ** 63), "[-1]"]
+HOSTILE_OTHERS = ["abc", "''", "[]", "[1,2]", "{}", "null", "true"]
+HOSTILE = HOSTILE_NUMBERS + HOSTILE_OTHERS
 # A tiny run: a few steps, so that an accepted config is trained to the end in about a second.
 PROPERTY_BASE = ["width=4", "depth=2", "epochs=1", "batch_size=16", "max_steps=2", "log_every=1", "device=cpu",
                  "trainer.eval_batch_size=32", "dataset.n_train=64", "dataset.n_test=32", "seeds=1"]
@@ -566,9 +576,9 @@ TIME_KEYS = {"epochs", "max_steps"}  # hostile values in both at once could trai
 @st.composite
 def hostile_runs(draw, max_keys: int = 2) -> list[str]:
     keys = schema_keys()
-    method = draw(st.sampled_from(sorted({m for m, _, _ in keys if m})))
-    dataset = draw(st.sampled_from(sorted({d for _, d, _ in keys if d})))
-    allowed = sorted({key for m, d, key in keys if m in (None, method) and d in (None, dataset)})
+    method = draw(st.sampled_from(sorted({m for m, _, _, _ in keys if m})))
+    dataset = draw(st.sampled_from(sorted({d for _, d, _, _ in keys if d})))
+    allowed = sorted({key for m, d, key, _ in keys if m in (None, method) and d in (None, dataset)})
     chosen = draw(st.lists(st.sampled_from(allowed), min_size=1, max_size=max_keys, unique=True)
                   .filter(lambda ks: not TIME_KEYS <= set(ks)))
     hostile = [f"{key}={draw(st.sampled_from(HOSTILE))}" for key in chosen]
@@ -601,23 +611,41 @@ def quiet_runs(monkeypatch):
 
 
 def test_schema_keys_reach_every_group():
-    keys = {key for _, _, key in schema_keys()}
+    keys = {key for _, _, key, _ in schema_keys()}
     assert {"depth", "optimizer.betas", "trainer.cuda_graph", "probe.networks", "bench.steps", "method.activation",
             "method.depths", "method.weights", "method.parametrization", "dataset.n_train", "dataset.outputs",
             "dataset.fraction"} <= keys
 
 
-@pytest.mark.parametrize("method, dataset, key", schema_keys(), ids=lambda v: str(v))
+def one_key_hostile(method, dataset, key: str, value: str) -> list[str]:
+    groups = [f"method={method or 'baseline'}", f"dataset={dataset or 'synthetic'}"]
+    return [*groups, *[o for o in PROPERTY_BASE if o.split("=")[0] != key], f"{key}={value}"]
+
+
+SCHEMA_KEYS_NOW = schema_keys()
+# Default suite: each key once, with a value taken in turn from the hostile numbers (for a
+# numeric key) or the hostile others; the slow variant tries every key with every value.
+EACH_KEY_ONCE = [(m, d, key, (HOSTILE_NUMBERS if numeric else HOSTILE_OTHERS)[i % (len(HOSTILE_NUMBERS) if numeric
+                                                                                   else len(HOSTILE_OTHERS))])
+                 for i, (m, d, key, numeric) in enumerate(SCHEMA_KEYS_NOW)]
+EVERY_KEY_AND_VALUE = [(m, d, key, value) for m, d, key, _ in SCHEMA_KEYS_NOW for value in HOSTILE]
+
+
+@pytest.mark.parametrize("method, dataset, key, value", EACH_KEY_ONCE, ids=lambda v: str(v))
 def test_every_key_with_a_hostile_value_runs_or_is_refused_in_one_line(capsys, tmp_path, quiet_runs, method, dataset,
-                                                                       key):
-    """Each key of the composed config, one hostile value each (taken in turn through HOSTILE)."""
+                                                                       key, value):
     from conftest import in_process_cli
 
-    index = [k for _, _, k in schema_keys()].index(key)
-    value = HOSTILE[index % len(HOSTILE)]
-    groups = [f"method={method or 'baseline'}", f"dataset={dataset or 'synthetic'}"]
-    base = [o for o in PROPERTY_BASE if o.split("=")[0] != key]
-    run_hostile(in_process_cli(capsys), tmp_path, [*groups, *base, f"{key}={value}"])
+    run_hostile(in_process_cli(capsys), tmp_path, one_key_hostile(method, dataset, key, value))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, dataset, key, value", EVERY_KEY_AND_VALUE, ids=lambda v: str(v))
+def test_every_key_with_every_hostile_value_runs_or_is_refused_in_one_line(capsys, tmp_path, quiet_runs, method,
+                                                                           dataset, key, value):
+    from conftest import in_process_cli
+
+    run_hostile(in_process_cli(capsys), tmp_path, one_key_hostile(method, dataset, key, value))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -629,7 +657,7 @@ def test_hostile_values_anywhere_run_or_are_refused_in_one_line(capsys, tmp_path
 
 
 @pytest.mark.slow
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(overrides=hostile_runs(max_keys=4))
 def test_many_hostile_values_anywhere_run_or_are_refused_in_one_line(capsys, tmp_path_factory, quiet_runs, overrides):
     from conftest import in_process_cli

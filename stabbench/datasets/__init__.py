@@ -62,6 +62,14 @@ def load(cfg, device: torch.device) -> Data:
     return prepare(REGISTRY[cfg.name].load(cfg), cfg, device)
 
 
+def validate(cfg) -> None:
+    """The dataset's own options, checked by its module's `validate(cfg)` if it has one
+    (raises UserError); before any directory is made."""
+    check = getattr(REGISTRY[cfg.name], "validate", None)
+    if check is not None:
+        check(cfg)
+
+
 def dimensions(cfg) -> Dimensions:
     return REGISTRY[cfg.name].dimensions(cfg)
 

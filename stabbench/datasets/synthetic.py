@@ -19,6 +19,14 @@ class Config(DatasetConfig):
     teacher_width: int = 64
 
 
+def validate(cfg) -> None:
+    from stabbench.methods.base import check_range
+
+    for key in ("features", "n_train", "n_test", "teacher_width"):
+        check_range(f"dataset.{key}", cfg[key], low=1)
+    check_range("dataset.classes", cfg.classes, low=2)  # one class leaves nothing to learn
+
+
 def dimensions(cfg) -> Dimensions:
     return Dimensions(cfg.features, cfg.classes, cfg.n_train, cfg.n_test)
 

@@ -18,6 +18,13 @@ class Config(DatasetConfig):
     n_test: int = 1024
 
 
+def validate(cfg) -> None:
+    from stabbench.methods.base import check_range
+
+    for key in ("features", "outputs", "n_train", "n_test"):
+        check_range(f"dataset.{key}", cfg[key], low=1)
+
+
 def dimensions(cfg) -> Dimensions:
     return Dimensions(cfg.features, cfg.outputs, cfg.n_train, cfg.n_test, "regression")
 
