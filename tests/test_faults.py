@@ -124,29 +124,32 @@ def reference(tmp_path_factory) -> Path:
 
 # -- real processes ---------------------------------------------------------------------------
 
+# a step takes milliseconds: slow them down so that a signal lands mid-run
+SLOW_LOG_STEPS = ("import time, stabbench.train as t; f = t.Run.log_step; "
+                  "t.Run.log_step = lambda *a: (time.sleep(0.2), f(*a))[1]")
+
+
+def assert_stopped_then_resumed(cli, run: Path, reference: Path) -> dict:
+    """The stopped run left a whole checkpoint and no summary; the same command resumes from
+    the checkpoint's step and ends with the uninterrupted run's results. Returns the checkpoint."""
+    saved = assert_nothing_corrupt(run)
+    assert saved is not None and not (run / "summary.json").exists()
+    code, out, err = cli("run", f"hydra.run.dir={run}", *FAULT_RUN)
+    assert code == 0, err
+    assert f"resuming {run} at stage 0, step {saved['loop']['step']}" in out
+    assert_same_results(run, reference)
+    return saved
+
 def test_sigterm_checkpoints_exits_143_and_the_rerun_resumes_to_the_same_result(cli, tmp_path, reference):
     run = tmp_path / "run"
-    process = start([f"hydra.run.dir={run}", *FAULT_RUN], tmp_path,
-                    # a step takes milliseconds: slow them down so that the signal lands mid-run
-                    "import time, stabbench.train as t; f = t.Run.log_step; "
-                    "t.Run.log_step = lambda *a: (time.sleep(0.2), f(*a))[1]")
+    process = start([f"hydra.run.dir={run}", *FAULT_RUN], tmp_path, SLOW_LOG_STEPS)
     wait_for(run / checkpoint.FILENAME, process)  # training is under way
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM == 143, err
     assert "caught SIGTERM; checkpoint written" in err and "Traceback" not in err
-    saved = assert_nothing_corrupt(run)
-    assert saved is not None and not (run / "summary.json").exists()
-
-    code, out, err = cli("run", f"hydra.run.dir={run}", *FAULT_RUN)
-    assert code == 0, err
-    assert f"resuming {run} at stage 0, step {saved['loop']['step']}" in out
-    assert_same_results(run, reference)
+    assert_stopped_then_resumed(cli, run, reference)
     assert not (run / checkpoint.FILENAME).exists()  # the summary is what counts now
-
-
-SLOW_LOG_STEPS = ("import time, stabbench.train as t; f = t.Run.log_step; "
-                  "t.Run.log_step = lambda *a: (time.sleep(0.2), f(*a))[1]")
 
 
 def test_ctrl_c_checkpoints_exits_130_and_the_same_command_resumes_to_the_same_result(cli, tmp_path, reference):
@@ -162,14 +165,8 @@ def test_ctrl_c_checkpoints_exits_130_and_the_same_command_resumes_to_the_same_r
     assert len(lines) == 1 and "caught SIGINT; checkpoint written" in lines[0], err
     assert "the same command continues" in lines[0] and str(run) in lines[0]
     assert "Traceback" not in out + err and "KeyboardInterrupt" not in err
-    saved = assert_nothing_corrupt(run)
-    assert saved is not None and not (run / "summary.json").exists()
-    assert f"step {saved['loop']['step']}" in lines[0]
-
-    code, out, err = cli("run", f"hydra.run.dir={run}", *FAULT_RUN)
-    assert code == 0, err
-    assert f"resuming {run} at stage 0, step {saved['loop']['step']}" in out
-    assert_same_results(run, reference)
+    saved = assert_stopped_then_resumed(cli, run, reference)
+    assert f"step {saved['loop']['step']})" in lines[0]  # the line names the step it continues from
 
 
 def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_still_resumes(cli, tmp_path, reference):
@@ -194,13 +191,7 @@ def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_still_resumes(cli
     assert process.returncode == 130, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "stopped (Ctrl-C)" in lines[0] and "Traceback" not in out + err, err
-    saved = assert_nothing_corrupt(run)
-    assert saved is not None and not (run / "summary.json").exists()
-
-    code, out, err = cli("run", f"hydra.run.dir={run}", *FAULT_RUN)
-    assert code == 0, err
-    assert f"resuming {run} at stage 0, step {saved['loop']['step']}" in out
-    assert_same_results(run, reference)
+    assert_stopped_then_resumed(cli, run, reference)
 
 
 def test_ctrl_c_in_a_sweep_checkpoints_and_the_same_command_finishes_it(tmp_path):
