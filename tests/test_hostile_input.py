@@ -136,6 +136,9 @@ CASES = [
     (["dataset.features=-1"], ["dataset.features=-1", "allowed: >= 1"]),
     (["dataset.classes=1"], ["dataset.classes=1", "allowed: >= 2"]),
     (["dataset=synthetic_regression", "dataset.outputs=-1"], ["dataset.outputs=-1", "allowed: >= 1"]),
+    # Hydra's flags: -m after the overrides still means a sweep; an unknown flag is one line, not argparse's usage
+    (["depth=2,0", "-m"], ["depth=0", "allowed: >= 1"]),
+    (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
     # one bad point of a sweep stops the whole sweep before any point runs
     (["-m", "depth=2,0"], ["depth=0", "allowed: >= 1"]),
     (["-m", "hydra/launcher=joblib", "lr=0.1,-1"], ["lr=-1", "allowed: > 0"]),
