@@ -136,6 +136,12 @@ CASES = [
     (["dataset.features=-1"], ["dataset.features=-1", "allowed: >= 1"]),
     (["dataset.classes=1"], ["dataset.classes=1", "allowed: >= 2"]),
     (["dataset=synthetic_regression", "dataset.outputs=-1"], ["dataset.outputs=-1", "allowed: >= 1"]),
+    # options a method's network does not read are still checked: finite, and no alpha dropout nothing applies
+    (["method.gain=nan"], ["method.gain=nan", "not a finite number"]),
+    (["method.negative_slope=inf"], ["method.negative_slope=inf", "not a finite number"]),
+    (["method.alpha_dropout=0.1"], ["method.alpha_dropout=0.1", "method=snn only"]),
+    (["method=lyapunov", "method.alpha_dropout=-1"], ["method.alpha_dropout=-1", "method=snn only"]),
+    (["method=lyapunov", "method.gain=-inf"], ["method.gain=-inf", "not a finite number"]),
     # Hydra's flags: -m after the overrides still means a sweep; an unknown flag is one line, not argparse's usage
     (["depth=2,0", "-m"], ["depth=0", "allowed: >= 1"]),
     (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),

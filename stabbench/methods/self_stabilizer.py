@@ -19,7 +19,6 @@ from torch import nn
 import torch.nn.functional as F
 
 from stabbench import fast
-from stabbench.errors import UserError
 from stabbench.methods.base import Method, MethodConfig, Shape, check_choice, check_range, linear
 from stabbench.methods.baseline import INITS, init_weight
 from stabbench.model import MLP, Activation
@@ -99,8 +98,6 @@ class SelfStabilizer(Method):
         check_choice("method.init", cfg.init, INITS)
         check_choice("method.parametrization", cfg.parametrization, PARAMETRIZATIONS)
         check_range("method.steepness", cfg.steepness, low=0, low_open=True)
-        if cfg.alpha_dropout != 0:
-            raise UserError(f"method.alpha_dropout={cfg.alpha_dropout} is for method=snn only; allowed here: 0")
 
     def build(self, shape: Shape) -> MLP:
         cfg = self.cfg
