@@ -65,7 +65,7 @@ def data_bytes(dims, device_type: str) -> int:
     n = dims.n_train + dims.n_test
     targets = n * (dims.n_outputs * FLOAT if dims.task == "regression" else 8)
     copies = 2 if device_type == "cpu" else 1  # on the CPU the raw split and its standardised copy
-    return copies * (n * dims.in_features * FLOAT + targets)
+    return copies * (n * dims.in_features * FLOAT + targets) + dims.loader_floats * FLOAT
 
 
 def training(cfg, device_type: str, members: int | None = None) -> Estimate:

@@ -61,8 +61,9 @@ def test_estimate_parts_scale_with_members_and_shape():
     for part in ("parameters", "gradients", "optimiser state", "saved activations"):
         assert four.parts[part] == 4 * one.parts[part], part
     assert four.parts["data"] == one.parts["data"]  # one copy of the data, shared by the members
-    # 512 + 128 examples of 64 float32 features and int64 labels, raw and standardised on the CPU
-    assert one.parts["data"] == 2 * ((512 + 128) * 64 * 4 + (512 + 128) * 8)
+    # 512 + 128 examples of 64 float32 features and int64 labels, raw and standardised on the CPU,
+    # and the teacher network that labels them (64 -> 64 -> 10)
+    assert one.parts["data"] == 2 * ((512 + 128) * 64 * 4 + (512 + 128) * 8) + (64 * 64 + 64 * 10) * 4
     assert one.parts["parameters"] == 4 * memory.parameters(64, 10, 2, 32)
 
 
@@ -77,6 +78,7 @@ def test_staged_method_counts_its_guide():
     ("probe", ["depth=2", "width=100000"], "this probe"),
     ("bench", ["depth=2", "width=200000"], "this bench"),
     ("run", ["dataset.n_train=1000000000000"], "this run"),
+    ("run", ["dataset.teacher_width=9223372036854775808"], "this run"),  # an overflow traceback before
     ("run", ["-m", "width=8,200000"], "this run"),  # a sweep is refused before any point runs
 ])
 def test_what_cannot_fit_is_refused_in_one_line_before_anything_is_written(cli, tmp_path, command, args, what):

@@ -51,6 +51,7 @@ class Dimensions:
     n_train: int
     n_test: int
     task: str = "classification"
+    loader_floats: int = 0  # what the loader allocates besides the splits (a synthetic task's teacher)
 
 
 REGISTRY = {name: importlib.import_module(f"{__name__}.{name}") for name in NAMES}

@@ -28,7 +28,8 @@ def validate(cfg) -> None:
 
 
 def dimensions(cfg) -> Dimensions:
-    return Dimensions(cfg.features, cfg.classes, cfg.n_train, cfg.n_test)
+    teacher = cfg.features * cfg.teacher_width + cfg.teacher_width * cfg.classes
+    return Dimensions(cfg.features, cfg.classes, cfg.n_train, cfg.n_test, loader_floats=teacher)
 
 
 def load(cfg) -> Data:
