@@ -6,6 +6,7 @@ nothing written. Hydra's own flags (--help, --cfg job, -m, hydra.run.dir=...) pa
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -66,32 +67,31 @@ def _one_line(error: BaseException) -> str:
     return "; ".join(dict.fromkeys(parts)) or "invalid configuration"
 
 
-def check_overrides(argv: list[str], config_name: str, validate: Callable) -> None:
-    """Compose and validate each configuration the arguments describe; exit 2 on the first bad one."""
+def check_overrides(argv: list[str], config_name: str, validate: Callable) -> list[Path]:
+    """Compose and validate each configuration the arguments describe; exit 2 on the first
+    bad one. Returns the directories the jobs will write (see find_bad_config)."""
     try:
-        find_bad_config(argv, config_name, validate)
+        return find_bad_config(argv, config_name, validate)
     except UserError as error:
         fail(str(error))
 
 
-def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> None:
-    """Raise UserError for the first configuration of the arguments that is not valid."""
+def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> list[Path]:
+    """Raise UserError for the first configuration of the arguments that is not valid;
+    else return the output directory planned for each (none for Hydra's info flags)."""
     from hydra import compose, initialize_config_module
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from stabbench.config import register_schemas
 
-    try:
-        args = get_args_parser().parse_args(argv)
-    except SystemExit:
-        raise
+    args = parse_arguments(argv)
     if any(getattr(args, flag, None) for flag in INFO_FLAGS):
-        return
+        return []
     register_schemas()
+    planned = []
     try:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
         for override in parsed:
@@ -110,9 +110,32 @@ def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> No
             for number, combo in enumerate(combos):
                 cfg = compose(config_name=config_name, overrides=list(combo), return_hydra_config=True)
                 validate(cfg)
-                check_output_dir(planned_output_dir(cfg, args.multirun, number), cfg)
+                planned.append(planned_output_dir(cfg, args.multirun, number))
+                check_output_dir(planned[-1], cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         raise UserError(_one_line(error)) from None
+    return planned
+
+
+def flags_first(argv: list[str]) -> list[str]:
+    """`stabbench run depth=2,3 -m` as `-m depth=2,3`: Hydra's parser takes the overrides as
+    one run of positional arguments, so a flag after them would leave the rest unrecognised."""
+    switches = [a for a in argv if a in ("-m", "--multirun")]
+    return switches + [a for a in argv if a not in switches]
+
+
+def parse_arguments(argv: list[str]):
+    """Hydra's command-line arguments; a malformed one is a UserError (one line), not
+    argparse's usage text."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message: str):
+        raise UserError(f"{message}; Hydra's flags go before the overrides (see --help)")
+
+    parser.error = error
+    return parser.parse_args(argv)
 
 
 def parsed_override(text: str):
@@ -158,15 +181,45 @@ def check_output_dir(out_dir: Path, cfg) -> None:
                         f"set hydra.run.dir / hydra.sweep.dir to a writable place") from None
 
 
+# What Hydra writes into a job's or a sweep's directory before stabbench writes anything.
+HYDRA_RECORDS = {".hydra", "stabbench.log", "multirun.yaml"}
+
+
+def holds_results(folder: Path) -> bool:
+    """Whether a run or sweep directory holds anything but Hydra's own records."""
+    try:
+        return bool(set(os.listdir(folder)) - HYDRA_RECORDS)
+    except OSError:
+        return False
+
+
+def existing_ancestors(path: Path) -> list[Path]:
+    """The folders of `path` (itself included) that exist now."""
+    path = Path(path).absolute()
+    return [folder for folder in (path, *path.parents) if folder.exists()]
+
+
+def remove_made(out_dir: Path, kept: set[Path]) -> None:
+    """Remove a job's directory that holds no results, then each folder above it (a sweep's
+    directory, results/runs) that holds nothing else and did not exist before the command."""
+    out_dir = Path(out_dir).absolute()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if not kept:  # nothing known of what existed before: leave the folders above alone
+        return
+    for folder in out_dir.parents:
+        if folder in kept or holds_results(folder) or not folder.exists():
+            break
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def previous_output_dir(argv: list[str], config_name: str) -> list[str]:
     """The same command typed again continues where it left off: if an earlier run (or
     sweep) was started with exactly these overrides, reuse its directory, so finished runs
     are skipped (skip_done) and checkpointed ones resume. Returns the override to add."""
     from hydra import compose, initialize_config_module
-    from hydra._internal.utils import get_args_parser
     from omegaconf import OmegaConf
 
-    args = get_args_parser().parse_args(argv)
+    args = parse_arguments(argv)
     if any(getattr(args, flag, None) for flag in INFO_FLAGS):
         return []
     task = sorted(o for o in args.overrides if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra")))
@@ -228,30 +281,41 @@ def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
 
     if validate is None:
         from stabbench.config import validate
-    check_overrides(argv, config_name, validate)
+    argv = flags_first(argv)
+    planned = check_overrides(argv, config_name, validate)
     register_schemas()
     register_help_resolver()
     earlier = previous_output_dir(argv, config_name) if continue_earlier else []
     if earlier:
         try:
-            find_bad_config(argv + earlier, config_name, validate)
+            planned = find_bad_config(argv + earlier, config_name, validate)
             argv = argv + earlier
         except UserError as error:  # e.g. stabbench's defaults changed since: keep that dir as it is
             print(f"stabbench: not continuing there ({error}); starting a new directory", flush=True)
+    # Folders that exist before Hydra makes any: a failed job's cleanup stops at them.
+    kept = {folder for path in planned for folder in existing_ancestors(path)}
 
     def job(cfg):
         """One run; what `task` returns goes back to Hydra's sweeper (a run: its selection score)."""
+        from stabbench import memory
+
         spread_over_gpus(HydraConfig.get())
         share_cpus(HydraConfig.get())
         out_dir = Path(HydraConfig.get().runtime.output_dir)
-        existed = {p.name for p in out_dir.iterdir()} - {".hydra", "stabbench.log"}
+        fresh = not holds_results(out_dir)
         try:
             validate(cfg)
             return task(cfg, out_dir)
         except UserError as error:
-            if not existed:  # a directory this job just made holds nothing worth keeping
-                shutil.rmtree(out_dir, ignore_errors=True)
+            if fresh:  # a directory this job just made holds nothing worth keeping
+                remove_made(out_dir, kept)
             fail(str(error))
+        except BaseException as error:  # noqa: BLE001 - cleaned up, then reported or raised on
+            if fresh and not holds_results(out_dir):  # stopped before it wrote anything (Ctrl-C, out of memory)
+                remove_made(out_dir, kept)
+            if isinstance(error, Exception) and memory.is_out_of_memory(error):
+                fail(memory.out_of_memory_message(error))
+            raise
 
     main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name)(job)
     sys.argv = ["stabbench", *argv]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import platform
 import resource
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -237,11 +238,15 @@ def run(cfg, out_dir: Path) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    loops = {"stabbench": RunnerLoop(cfg, scratch)}
-    if cfg.bench.reference:
-        loops["reference"] = ReferenceLoop(cfg, method, data, shape, device)
+    try:
+        loops = {"stabbench": RunnerLoop(cfg, scratch)}
+        if cfg.bench.reference:
+            loops["reference"] = ReferenceLoop(cfg, method, data, shape, device)
+        timings = take_turns(loops, steps, repeats)
+    except BaseException:  # stopped or failed: the runner's scratch files are no result
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     epoch_steps = len(data.x_train) // min(cfg.batch_size, len(data.x_train))  # as both loops count an epoch
-    timings = take_turns(loops, steps, repeats)
     for name, timing in timings.items():
         if not any(timing["turns"]):  # every seed stopped before the second log step of each turn
             raise UserError(f"the bench timed no stretch of the {name} loop: its networks diverged (NaN or inf loss) "

@@ -8,6 +8,11 @@ Preemption: SLURM (and submitit, Hydra's SLURM launcher) warn a job with a signa
 killing it. `Preemption` notes the signal; the training loop checks the note at the next
 step boundary, checkpoints, then hands the signal on to whatever handler was there before
 (submitit's requeues the job) or exits with 128 + signal number.
+
+Ctrl-C (SIGINT) is how a person stops a run, and gets the same treatment: checkpoint at
+the next step boundary, one line saying how to continue, exit 130. A second Ctrl-C before
+that stops at once (KeyboardInterrupt, which the command line reports in one line): the
+last checkpoint written, if any, is what the same command continues from.
 """
 from __future__ import annotations
 
@@ -62,7 +67,8 @@ def load(path: Path) -> dict:
 
 
 class Preemption:
-    SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), getattr(signal, "SIGUSR2", None)) if s)
+    SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None),
+                                getattr(signal, "SIGUSR2", None)) if s)
 
     def __init__(self):
         self.signum: int | None = None
@@ -79,18 +85,23 @@ class Preemption:
             signal.signal(signum, handler)
 
     def _note(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without waiting for the step to end
         self.signum = signum
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
-    def hand_over(self) -> None:
-        """After checkpointing: let the previous handler act (requeue), or exit 128 + signum."""
+    def hand_over(self, where: str = "") -> None:
+        """After checkpointing (`where`: which run, which step): let the previous handler act
+        (requeue), or exit 128 + signum. Python's own SIGINT handler (the one that raises
+        KeyboardInterrupt) is not handed the signal: the checkpoint is the clean stop."""
         signum, self.signum = self.signum, None
         previous = self.previous.get(signum)
-        print(f"stabbench: caught {signal.Signals(signum).name}; checkpoint written", file=sys.stderr, flush=True)
-        if callable(previous):
+        print(f"stabbench: caught {signal.Signals(signum).name}; checkpoint written{where}; "
+              f"the same command continues from there", file=sys.stderr, flush=True)
+        if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, None)  # submitit: requeue and exit; a handler that returns lets training go on
             return
         sys.exit(128 + signum)

@@ -37,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stabbench: error: unknown subcommand {name!r}; choose one of: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     module, function, _ = SUBCOMMANDS[name]
-    result = getattr(importlib.import_module(module), function)(rest)
+    try:
+        result = getattr(importlib.import_module(module), function)(rest)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop, or a second one inside: a clean stop
+        print(f"\nstabbench: stopped (Ctrl-C); {name} did not finish. A checkpointed run continues "
+              f"when the same command is typed again", file=sys.stderr, flush=True)
+        return 130
     return result or 0
 
 

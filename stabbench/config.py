@@ -87,6 +87,9 @@ def register_schemas() -> None:
         store.store(group="dataset", name=f"{name}_schema", node=dataset_module.Config)
 
 
+SEED_MAX = 2 ** 32 - 1
+
+
 def validate(cfg) -> None:
     """Range and choice checks Hydra's types cannot express; raises UserError naming the
     bad value and what is allowed. Runs before any run directory is made."""
@@ -95,7 +98,12 @@ def validate(cfg) -> None:
 
     for key in ("depth", "width", "batch_size", "epochs", "seeds", "log_every"):
         check_range(key, cfg[key], low=1)
-    check_range("seed", cfg.seed, low=0)
+    # torch seeds generators with 64-bit integers, and the data order's with seed x 1,000,003:
+    # 32-bit seeds keep every derived seed in range.
+    check_range("seed", cfg.seed, low=0, high=SEED_MAX)
+    check_range("seed + seeds - 1", cfg.seed + cfg.seeds - 1, high=SEED_MAX)
+    check_range("seed + probe.networks - 1", cfg.seed + cfg.probe.networks - 1, high=SEED_MAX)
+    check_range("dataset.seed", cfg.dataset.seed, low=0, high=SEED_MAX)
     if cfg.max_steps is not None:
         check_range("max_steps", cfg.max_steps, low=1)
     check_range("checkpoint_every", cfg.checkpoint_every, low=0)
@@ -107,8 +115,7 @@ def validate(cfg) -> None:
 
         if not torch.cuda.is_available():
             raise UserError("device=cuda but no CUDA device is available here; use device=cpu or device=auto")
-    check_choice("optimizer", cfg.optimizer.name, ("sgd", "adam"))
-    check_range("optimizer.momentum", cfg.optimizer.momentum, low=0, high=1, high_open=True)
+    check_optimizer(cfg.optimizer)
     check_choice("trainer.cuda_graph", cfg.trainer.cuda_graph, ("auto", "on", "off"))
     if cfg.trainer.cuda_graph == "on" and cfg.device != "cuda":
         import torch
@@ -126,7 +133,29 @@ def validate(cfg) -> None:
     check_schema_keys(cfg)
     check_range("dataset.fraction", cfg.dataset.fraction, low=0, high=1, low_open=True)
     check_range("dataset.validation", cfg.dataset.validation, low=0, high=1, high_open=True)
+    datasets.validate(cfg.dataset)
     methods.create(cfg.method).validate_run(cfg)
+
+
+def check_optimizer(opt) -> None:
+    """Every optimiser option, with the others, as torch.optim would check it once the run
+    directory exists (SGD: momentum, nesterov; Adam: betas, eps), and the options that
+    would silently do nothing under the chosen optimiser."""
+    from stabbench.methods.base import check_choice, check_range
+
+    check_choice("optimizer", opt.name, ("sgd", "adam"))
+    check_range("optimizer.momentum", opt.momentum, low=0, high=1, high_open=True)
+    check_range("optimizer.weight_decay", opt.weight_decay, low=0)
+    check_range("optimizer.eps", opt.eps, low=0, low_open=True)
+    if len(opt.betas) != 2:
+        raise UserError(f"optimizer.betas={list(opt.betas)} must be two numbers [beta1, beta2], each >= 0 and < 1")
+    for index, beta in enumerate(opt.betas):
+        check_range(f"optimizer.betas[{index}]", beta, low=0, high=1, high_open=True)
+    if opt.name == "sgd" and opt.nesterov and opt.momentum == 0:
+        raise UserError("optimizer.nesterov=true needs optimizer.momentum > 0 (Nesterov momentum without momentum "
+                        "is undefined); set optimizer.momentum or optimizer.nesterov=false")
+    if opt.name == "adam" and opt.nesterov:
+        raise UserError("optimizer.nesterov=true is for optimizer=sgd only; Adam has no Nesterov option here")
 
 
 def check_schema_keys(cfg) -> None:

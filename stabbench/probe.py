@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 import stabbench
-from stabbench import datasets, methods, probe_theory
+from stabbench import datasets, memory, methods, probe_theory
 from stabbench.methods.base import Shape
 from stabbench.outputs import atomic_write_bytes, finite_or_none, write_csv, write_json
 from stabbench.train import build_ensemble, grad_norm_ratio, resolve_device, task_loss
@@ -70,8 +70,7 @@ def probe_batch(cfg, device: torch.device):
 def draws_per_chunk(shape: Shape, batch: int, networks: int, device: torch.device) -> int:
     """How many draws to hold at once: all of them unless weights, grads and saved
     activations would pass the memory budget (depth 200, width 500 is ~1 GB a draw)."""
-    n_params = shape.in_features * shape.width + (shape.depth - 1) * shape.width ** 2 + shape.width * shape.out_features
-    per_draw = 4 * (3 * n_params + 4 * shape.depth * batch * shape.width)
+    per_draw = memory.probe_draw(shape.in_features, shape.out_features, shape.depth, shape.width, batch)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = free // 3

@@ -300,7 +300,7 @@ class Run:
                     self.save_checkpoint(stage, ensemble, guide, optimizer, state, finished)
                     if preemption.requested:
                         progress.close()
-                        preemption.hand_over()
+                        preemption.hand_over(f" ({self.out_dir}, stage {stage.index}, step {step})")
                 record = step % cfg.log_every == 0 or step == total_steps - 1
                 index = order[:, state.batch_index * batch_size:(state.batch_index + 1) * batch_size]
                 out = train_step(index, record)

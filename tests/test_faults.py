@@ -74,10 +74,10 @@ def assert_nothing_corrupt(run: Path) -> dict | None:
     return saved
 
 
-def start(args: list[str], cwd: Path, extra_code: str = "") -> subprocess.Popen:
+def start(args: list[str], cwd: Path, extra_code: str = "", command: str = "run") -> subprocess.Popen:
     """`stabbench run ARGS` as a real process (own signal handlers, own exit status)."""
     code = f"import sys\n{extra_code}\nfrom stabbench.cli import main\nsys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen([sys.executable, "-c", code, "run", *args], cwd=cwd, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", code, command, *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -125,25 +125,123 @@ def reference(tmp_path_factory) -> Path:
 
 # -- real processes ---------------------------------------------------------------------------
 
+# a step takes milliseconds: slow them down so that a signal lands mid-run
+SLOW_LOG_STEPS = ("import time, stabbench.train as t; f = t.Run.log_step; "
+                  "t.Run.log_step = lambda *a: (time.sleep(0.2), f(*a))[1]")
+
+
+def assert_stopped_then_resumed(cli, run: Path, reference: Path) -> dict:
+    """The stopped run left a whole checkpoint and no summary; the same command resumes from
+    the checkpoint's step and ends with the uninterrupted run's results. Returns the checkpoint."""
+    saved = assert_nothing_corrupt(run)
+    assert saved is not None and not (run / "summary.json").exists()
+    code, out, err = cli("run", f"hydra.run.dir={run}", *FAULT_RUN)
+    assert code == 0, err
+    assert f"resuming {run} at stage 0, step {saved['loop']['step']}" in out
+    assert_same_results(run, reference)
+    return saved
+
 def test_sigterm_checkpoints_exits_143_and_the_rerun_resumes_to_the_same_result(cli, tmp_path, reference):
     run = tmp_path / "run"
-    process = start([f"hydra.run.dir={run}", *FAULT_RUN], tmp_path,
-                    # a step takes milliseconds: slow them down so that the signal lands mid-run
-                    "import time, stabbench.train as t; f = t.Run.log_step; "
-                    "t.Run.log_step = lambda *a: (time.sleep(0.2), f(*a))[1]")
+    process = start([f"hydra.run.dir={run}", *FAULT_RUN], tmp_path, SLOW_LOG_STEPS)
     wait_for(run / checkpoint.FILENAME, process)  # training is under way
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM == 143, err
     assert "caught SIGTERM; checkpoint written" in err and "Traceback" not in err
-    saved = assert_nothing_corrupt(run)
-    assert saved is not None and not (run / "summary.json").exists()
-
-    code, out, err = cli("run", f"hydra.run.dir={run}", *FAULT_RUN)
-    assert code == 0, err
-    assert f"resuming {run} at stage 0, step {saved['loop']['step']}" in out
-    assert_same_results(run, reference)
+    assert_stopped_then_resumed(cli, run, reference)
     assert not (run / checkpoint.FILENAME).exists()  # the summary is what counts now
+
+
+def test_ctrl_c_checkpoints_exits_130_and_the_same_command_resumes_to_the_same_result(cli, tmp_path, reference):
+    """Ctrl-C (SIGINT) is treated as SIGTERM: checkpoint at the next step boundary, one
+    line saying how to continue, exit 130; typing the same command again resumes."""
+    run = tmp_path / "run"
+    process = start([f"hydra.run.dir={run}", *FAULT_RUN], tmp_path, SLOW_LOG_STEPS)
+    wait_for(run / checkpoint.FILENAME, process)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "caught SIGINT; checkpoint written" in lines[0], err
+    assert "the same command continues" in lines[0] and str(run) in lines[0]
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in err
+    saved = assert_stopped_then_resumed(cli, run, reference)
+    assert f"step {saved['loop']['step']})" in lines[0]  # the line names the step it continues from
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_still_resumes(cli, tmp_path, reference):
+    """The second Ctrl-C lands while a step sleeps 10 s: the run stops within seconds,
+    prints one line, no traceback, and the periodic checkpoint it had written resumes."""
+    run = tmp_path / "run"
+    # once a checkpoint exists, a log step leaves a mark and sleeps 10 s
+    slow = ("import time, stabbench.train as t; f = t.Run.log_step\n"
+            "def log_step(self, *a):\n"
+            "    if (self.out_dir / 'checkpoint.pt').exists():\n"
+            "        (self.out_dir.parent / 'sleeping').touch(); time.sleep(10)\n"
+            "    return f(self, *a)\n"
+            "t.Run.log_step = log_step")
+    process = start([f"hydra.run.dir={run}", *FAULT_RUN], tmp_path, slow)
+    wait_for(tmp_path / "sleeping", process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert time.monotonic() - sent < 5  # did not wait for the 10 s step to end
+    assert process.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "stopped (Ctrl-C)" in lines[0] and "Traceback" not in out + err, err
+    assert_stopped_then_resumed(cli, run, reference)
+
+
+def test_ctrl_c_in_a_sweep_checkpoints_and_the_same_command_finishes_it(tmp_path):
+    """A sweep (-m) stopped by Ctrl-C in its second run: the first is complete, the second
+    checkpointed; the same command again skips the first, resumes the second, runs the third."""
+    args = ["-m", *[a for a in FAULT_RUN if not a.startswith("checkpoint_every")], "seed=0,1,2"]
+    process = start(args, tmp_path, SLOW_LOG_STEPS)
+    sweeps = tmp_path / "results" / "sweeps"
+    deadline = time.monotonic() + 120
+    while not list(sweeps.glob("*/1_*/metrics.csv")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)  # the second run has logged its first epoch (epochs=2: more to come)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in out + err, err
+    assert "caught SIGINT; checkpoint written" in err
+    [sweep] = list(sweeps.iterdir())
+    assert (sweep / "0_baseline_synthetic_d4_w16_s0" / "summary.json").exists()
+    second = sweep / "1_baseline_synthetic_d4_w16_s1"
+    assert (second / checkpoint.FILENAME).exists() and not (second / "summary.json").exists()
+    assert not list(sweep.glob("2_*"))
+
+    done = subprocess.run([sys.executable, "-m", "stabbench.cli", "run", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"continuing {sweep.relative_to(tmp_path)}" in done.stdout and "resuming" in done.stdout
+    assert sorted(p.parent.name for p in sweep.glob("*/summary.json")) == [
+        "0_baseline_synthetic_d4_w16_s0", "1_baseline_synthetic_d4_w16_s1", "2_baseline_synthetic_d4_w16_s2"]
+
+
+@pytest.mark.parametrize("command", ["probe", "bench"])
+def test_ctrl_c_in_probe_or_bench_is_one_line_exit_130(tmp_path, command):
+    """Probe and bench keep no checkpoint: Ctrl-C stops them with one line, no traceback,
+    and a directory that holds nothing yet is removed."""
+    slow = {"probe": "import time, stabbench.probe as p; f = p.measure; p.measure = lambda *a: (time.sleep(30), f(*a))[1]",
+            "bench": "import time, stabbench.bench as b; f = b.take_turns; b.take_turns = lambda *a: (time.sleep(30), f(*a))[1]"}
+    process = start(["depth=2", "width=8", "dataset.n_train=256", "dataset.n_test=64", "device=cpu"], tmp_path,
+                    slow[command], command=command)
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "results").rglob(".hydra")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list((tmp_path / "results").rglob(".hydra")), "the job never started"
+    time.sleep(2)  # inside the slow part
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"stopped (Ctrl-C); {command} did not finish" in lines[0], err
+    assert "Traceback" not in out + err
+    assert not (tmp_path / "results").exists()  # the job's directory, and results/ made for it, are gone
 
 
 def test_sigkill_mid_run_leaves_no_corrupt_file_and_the_rerun_resumes_to_the_same_result(cli, tmp_path, reference):

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 from omegaconf import OmegaConf
 
 from conftest import TINY, compose
 from stabbench import checkpoint
+from stabbench.errors import UserError
 
 SMALL = TINY + ["depth=2", "device=cpu"]
 
@@ -113,6 +114,37 @@ CASES = [
     (["method=snn", "method.alpha_dropout=-0.05"], ["method.alpha_dropout=-0.05", ">= 0 and < 1"]),
     (["method=lyapunov", "method.negative_slope=0"], ["method.negative_slope=0", "allowed: any finite nonzero"]),
     (["device=tpu"], ["device='tpu'", "auto, cpu, cuda"]),
+    # optimiser options, each with the others, before torch.optim sees them
+    (["optimizer=adam", "optimizer.betas=[2,0.5]"], ["optimizer.betas[0]=2.0", ">= 0 and < 1"]),
+    (["optimizer=adam", "optimizer.betas=[0.9,1]"], ["optimizer.betas[1]=1.0", ">= 0 and < 1"]),
+    (["optimizer=adam", "optimizer.betas=[0.9,nan]"], ["optimizer.betas[1]=nan", "not a finite number"]),
+    (["optimizer=adam", "optimizer.betas=[0.9]"], ["optimizer.betas=[0.9]", "two numbers"]),
+    (["optimizer=adam", "optimizer.betas=[]"], ["optimizer.betas=[]", "two numbers"]),
+    (["optimizer=adam", "optimizer.eps=-1"], ["optimizer.eps=-1.0", "allowed: > 0"]),
+    (["optimizer=adam", "optimizer.eps=0"], ["optimizer.eps=0.0", "allowed: > 0"]),
+    (["optimizer=adam", "optimizer.weight_decay=-0.1"], ["optimizer.weight_decay=-0.1", "allowed: >= 0"]),
+    (["optimizer=adam", "optimizer.nesterov=true"], ["optimizer.nesterov=true", "optimizer=sgd only"]),
+    (["optimizer.weight_decay=inf"], ["optimizer.weight_decay=inf", "not a finite number"]),
+    (["optimizer.momentum=1"], ["optimizer.momentum=1.0", ">= 0 and < 1"]),
+    (["optimizer.nesterov=true", "optimizer.momentum=0"], ["optimizer.nesterov=true", "momentum > 0"]),
+    (["-m", "optimizer=adam", "optimizer.eps=1e-8,0"], ["optimizer.eps=0.0", "allowed: > 0"]),
+    # holes the property test below found: tracebacks from torch / the data generator
+    (["seed=9223372036854775808"], ["seed=9223372036854775808", "<= 4294967295"]),
+    (["seed=4294967295", "seeds=2"], ["seed + seeds - 1=4294967296", "<= 4294967295"]),
+    (["dataset.seed=-1"], ["dataset.seed=-1", ">= 0"]),
+    (["dataset.n_train=0"], ["dataset.n_train=0", "allowed: >= 1"]),
+    (["dataset.features=-1"], ["dataset.features=-1", "allowed: >= 1"]),
+    (["dataset.classes=1"], ["dataset.classes=1", "allowed: >= 2"]),
+    (["dataset=synthetic_regression", "dataset.outputs=-1"], ["dataset.outputs=-1", "allowed: >= 1"]),
+    # options a method's network does not read are still checked: finite, and no alpha dropout nothing applies
+    (["method.gain=nan"], ["method.gain=nan", "not a finite number"]),
+    (["method.negative_slope=inf"], ["method.negative_slope=inf", "not a finite number"]),
+    (["method.alpha_dropout=0.1"], ["method.alpha_dropout=0.1", "method=snn only"]),
+    (["method=lyapunov", "method.alpha_dropout=-1"], ["method.alpha_dropout=-1", "method=snn only"]),
+    (["method=lyapunov", "method.gain=-inf"], ["method.gain=-inf", "not a finite number"]),
+    # Hydra's flags: -m after the overrides still means a sweep; an unknown flag is one line, not argparse's usage
+    (["depth=2,0", "-m"], ["depth=0", "allowed: >= 1"]),
+    (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
     # one bad point of a sweep stops the whole sweep before any point runs
     (["-m", "depth=2,0"], ["depth=0", "allowed: >= 1"]),
     (["-m", "hydra/launcher=joblib", "lr=0.1,-1"], ["lr=-1", "allowed: > 0"]),
@@ -427,3 +459,216 @@ def test_resume_without_its_csvs_is_a_one_line_error(cli, tmp_path):
     (tmp_path / "r" / "layers.csv").unlink()
     code, out, err = cli(*args)
     assert code == 2 and "no layers.csv" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# -- optimiser options: refused exactly when torch would refuse them (or stricter) -------------
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.sampled_from(["sgd", "adam"]),
+       momentum=st.sampled_from([0.0, 0.5, 0.9, 1.0, 1.5, -0.1, float("nan"), float("inf")]),
+       nesterov=st.booleans(),
+       betas=st.lists(st.sampled_from([0.0, 0.5, 0.999, 1.0, 2.0, -0.1, float("nan")]), max_size=3),
+       eps=st.sampled_from([1e-8, 0.0, -1.0, float("nan"), float("inf"), 1e30]),
+       weight_decay=st.sampled_from([0.0, 1e-4, -0.1, float("nan"), float("inf")]))
+def test_optimiser_options_accepted_are_options_torch_accepts(name, momentum, nesterov, betas, eps, weight_decay):
+    """Whatever check_optimizer lets through builds a torch optimiser that steps; whatever
+    torch refuses, check_optimizer refused first (before any directory exists)."""
+    from types import SimpleNamespace
+
+    from stabbench import train
+    from stabbench.config import check_optimizer
+
+    opt = SimpleNamespace(name=name, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
+                          weight_decay=weight_decay)
+    try:
+        check_optimizer(opt)
+        accepted = True
+    except UserError as error:
+        accepted = False
+        assert "\n" not in str(error) and str(error).startswith("optimizer")
+    params = [torch.zeros(2, 3, requires_grad=True)]
+    try:
+        optimizer = train.make_optimizer(SimpleNamespace(optimizer=opt, lr=0.1), params)
+        params[0].grad = torch.ones_like(params[0])
+        optimizer.step()
+        torch_accepts = True
+    except (ValueError, TypeError, RuntimeError, IndexError):
+        torch_accepts = False
+    assert torch_accepts or not accepted, (opt, "accepted, but torch refuses it")
+
+
+# -- a job that fails before its first step leaves no directory -----------------------------
+
+def fail_in_job(monkeypatch, on_seed: int | None = None, error=ValueError("a bug")):
+    """train.run raises `error` (for one seed only, if given) before it writes anything."""
+    from stabbench import train
+
+    original = train.run
+
+    def run(cfg, out_dir):
+        if on_seed is None or cfg.seed == on_seed:
+            raise error
+        return original(cfg, out_dir)
+
+    monkeypatch.setattr(train, "run", run)
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug"), KeyboardInterrupt()])
+def test_a_run_failing_before_its_first_step_leaves_no_directory(cli, tmp_path, monkeypatch, error):
+    fail_in_job(monkeypatch, error=error)
+    code, out, err = cli("run", *SMALL)
+    assert code == (130 if isinstance(error, KeyboardInterrupt) else 1)
+    assert not (tmp_path / "results").exists()  # neither the run's folder nor results/ made for it
+
+
+def test_a_sweep_failing_at_its_first_point_leaves_no_sweep_directory(cli, tmp_path, monkeypatch):
+    (tmp_path / "results").mkdir()  # existed before: kept
+    fail_in_job(monkeypatch, error=RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                                "99 bytes"))
+    code, out, err = cli("run", "-m", *SMALL, "seed=0,1")
+    assert_one_line_error(code, out, err, "out of memory")
+    assert list(tmp_path.rglob("*")) == [tmp_path / "results"]
+
+
+def test_a_sweep_failing_at_a_later_point_keeps_the_finished_ones(cli, tmp_path, monkeypatch):
+    from stabbench import report
+
+    monkeypatch.setattr(report, "write_run_figures", lambda out_dir: [])
+    fail_in_job(monkeypatch, on_seed=1, error=UserError("seed 1 refused"))
+    code, out, err = cli("run", "-m", *SMALL, "seed=0,1")
+    assert_one_line_error(code, out, err, "seed 1 refused")
+    [sweep] = list((tmp_path / "results" / "sweeps").iterdir())
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_baseline_synthetic_d2_w16_s0"]
+    assert (sweep / "0_baseline_synthetic_d2_w16_s0" / "summary.json").exists()
+
+
+# -- property: every key of the composed config, driven end to end ---------------------------
+
+def schema_keys() -> list[tuple[str | None, str | None, str, bool]]:
+    """(method, dataset, dotted key, numeric) for every key of every composable config, read
+    from the schemas (a new key is covered as soon as it is declared): the top-level keys and
+    their nested groups, and each method's and each dataset's own options (method/dataset
+    None: the key exists whichever is chosen); numeric: the key holds numbers."""
+    from dataclasses import fields, is_dataclass
+
+    from stabbench import datasets, methods
+    from stabbench.config import Config
+
+    def walk(schema, prefix: str) -> list[tuple[str, bool]]:
+        keys = []
+        for f in fields(schema):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            if is_dataclass(default):
+                keys += walk(type(default), f"{prefix}{f.name}.")
+            elif f.name not in ("method", "dataset") or prefix:
+                keys.append((prefix + f.name, any(t in str(f.type) for t in ("int", "float"))))
+        return keys
+
+    keys = [(None, None, *key) for key in walk(Config, "")]
+    keys += [(name, None, *key) for name, method in sorted(methods.REGISTRY.items())
+             for key in walk(method.Config, "method.")]
+    keys += [(None, name, *key) for name, module in sorted(datasets.REGISTRY.items())
+             if name.startswith("synthetic")  # the file datasets need files (tested above), and may download
+             for key in walk(module.Config, "dataset.")]
+    return keys
+
+
+HOSTILE_NUMBERS = ["-1", "0", "-0.5", "nan", "inf", "-inf", "1e30", "10000000000000", str(2 ** 63), "[-1]"]
+HOSTILE_OTHERS = ["abc", "''", "[]", "[1,2]", "{}", "null", "true"]
+HOSTILE = HOSTILE_NUMBERS + HOSTILE_OTHERS
+# A tiny run: a few steps, so that an accepted config is trained to the end in about a second.
+PROPERTY_BASE = ["width=4", "depth=2", "epochs=1", "batch_size=16", "max_steps=2", "log_every=1", "device=cpu",
+                 "trainer.eval_batch_size=32", "dataset.n_train=64", "dataset.n_test=32", "seeds=1"]
+TIME_KEYS = {"epochs", "max_steps"}  # hostile values in both at once could train for ever
+
+
+@st.composite
+def hostile_runs(draw, max_keys: int = 2) -> list[str]:
+    keys = schema_keys()
+    method = draw(st.sampled_from(sorted({m for m, _, _, _ in keys if m})))
+    dataset = draw(st.sampled_from(sorted({d for _, d, _, _ in keys if d})))
+    allowed = sorted({key for m, d, key, _ in keys if m in (None, method) and d in (None, dataset)})
+    chosen = draw(st.lists(st.sampled_from(allowed), min_size=1, max_size=max_keys, unique=True)
+                  .filter(lambda ks: not TIME_KEYS <= set(ks)))
+    hostile = [f"{key}={draw(st.sampled_from(HOSTILE))}" for key in chosen]
+    base = [o for o in PROPERTY_BASE if o.split("=")[0] not in chosen]
+    return [f"method={method}", f"dataset={dataset}", *base, *hostile]
+
+
+def run_hostile(call, cwd: Path, overrides: list[str]) -> str:
+    """`stabbench run OVERRIDES` in cwd: exit 0 with a complete run, or exit 2 with one line
+    and nothing written; never a traceback. Returns what happened, for hypothesis' events."""
+    with contextlib.chdir(cwd):
+        code, out, err = call("run", *overrides)
+    assert "Traceback" not in out + err, (overrides, err[-3000:])
+    if code == 0:
+        [run] = [p.parent for p in cwd.rglob("summary.json")]
+        assert {"summary.json", "metrics.csv", "layers.csv"} <= {p.name for p in run.iterdir()}, overrides
+        assert not (run / checkpoint.FILENAME).exists()
+        return "ran"
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("stabbench: error: "), (overrides, code, err[-3000:])
+    assert not list(cwd.iterdir()), (overrides, "left behind", list(cwd.rglob("*")))
+    return "refused: " + lines[0].split(":")[2].strip()[:30]
+
+
+@pytest.fixture
+def quiet_runs(monkeypatch):
+    from stabbench import report
+
+    monkeypatch.setattr(report, "write_run_figures", lambda out_dir: [])  # figures are tested elsewhere
+
+
+def test_schema_keys_reach_every_group():
+    keys = {key for _, _, key, _ in schema_keys()}
+    assert {"depth", "optimizer.betas", "trainer.cuda_graph", "probe.networks", "bench.steps", "method.activation",
+            "method.depths", "method.weights", "method.parametrization", "dataset.n_train", "dataset.outputs",
+            "dataset.fraction"} <= keys
+
+
+def one_key_hostile(method, dataset, key: str, value: str) -> list[str]:
+    groups = [f"method={method or 'baseline'}", f"dataset={dataset or 'synthetic'}"]
+    return [*groups, *[o for o in PROPERTY_BASE if o.split("=")[0] != key], f"{key}={value}"]
+
+
+SCHEMA_KEYS_NOW = schema_keys()
+# Default suite: each key once, with a value taken in turn from the hostile numbers (for a
+# numeric key) or the hostile others; the slow variant tries every key with every value.
+EACH_KEY_ONCE = [(m, d, key, (HOSTILE_NUMBERS if numeric else HOSTILE_OTHERS)[i % (len(HOSTILE_NUMBERS) if numeric
+                                                                                   else len(HOSTILE_OTHERS))])
+                 for i, (m, d, key, numeric) in enumerate(SCHEMA_KEYS_NOW)]
+EVERY_KEY_AND_VALUE = [(m, d, key, value) for m, d, key, _ in SCHEMA_KEYS_NOW for value in HOSTILE]
+
+
+@pytest.mark.parametrize("method, dataset, key, value", EACH_KEY_ONCE, ids=lambda v: str(v))
+def test_every_key_with_a_hostile_value_runs_or_is_refused_in_one_line(capsys, tmp_path, quiet_runs, method, dataset,
+                                                                       key, value):
+    from conftest import in_process_cli
+
+    run_hostile(in_process_cli(capsys), tmp_path, one_key_hostile(method, dataset, key, value))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, dataset, key, value", EVERY_KEY_AND_VALUE, ids=lambda v: str(v))
+def test_every_key_with_every_hostile_value_runs_or_is_refused_in_one_line(capsys, tmp_path, quiet_runs, method,
+                                                                           dataset, key, value):
+    from conftest import in_process_cli
+
+    run_hostile(in_process_cli(capsys), tmp_path, one_key_hostile(method, dataset, key, value))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(overrides=hostile_runs())
+def test_hostile_values_anywhere_run_or_are_refused_in_one_line(capsys, tmp_path_factory, quiet_runs, overrides):
+    from conftest import in_process_cli
+
+    event(run_hostile(in_process_cli(capsys), tmp_path_factory.mktemp("cwd", numbered=True), overrides))
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(overrides=hostile_runs(max_keys=4))
+def test_many_hostile_values_anywhere_run_or_are_refused_in_one_line(capsys, tmp_path_factory, quiet_runs, overrides):
+    from conftest import in_process_cli
+
+    event(run_hostile(in_process_cli(capsys), tmp_path_factory.mktemp("cwd", numbered=True), overrides))

@@ -1,9 +1,10 @@
 """Datasets, each loaded once into tensors on the run's device (no DataLoader in the loop).
 
-A dataset module defines `Config` (its options under `dataset.*`) and
-`load(cfg) -> Data` returning raw float32 CPU tensors; `prepare` below does what every
-dataset shares: the validation split held out of the training split (`dataset.validation`),
-the stratified `dataset.fraction` of what remains, per-feature standardisation with
+A dataset module defines `Config` (its options under `dataset.*`),
+`load(cfg) -> Data` returning raw float32 CPU tensors, and `dimensions(cfg) -> Dimensions`
+(the sizes `load` will return, known without loading: the memory estimate's input); `prepare`
+below does what every dataset shares: the validation split held out of the training split
+(`dataset.validation`), the stratified `dataset.fraction` of what remains, per-feature standardisation with
 training-split statistics, and the move to the device.
 """
 from __future__ import annotations
@@ -50,6 +51,17 @@ class Data:
         return self.x_train.shape[1]
 
 
+@dataclass
+class Dimensions:
+    """A dataset's sizes before `dataset.fraction`, known from its config alone."""
+    in_features: int
+    n_outputs: int
+    n_train: int
+    n_test: int
+    task: str = "classification"
+    loader_floats: int = 0  # what the loader allocates besides the splits (a synthetic task's teacher)
+
+
 REGISTRY = {name: importlib.import_module(f"{__name__}.{name}") for name in NAMES}
 
 
@@ -57,6 +69,18 @@ def load(cfg, device: torch.device) -> Data:
     if cfg.name not in REGISTRY:
         raise UserError(f"dataset={cfg.name!r} is unknown; choose one of: {', '.join(NAMES)}")
     return prepare(REGISTRY[cfg.name].load(cfg), cfg, device)
+
+
+def validate(cfg) -> None:
+    """The dataset's own options, checked by its module's `validate(cfg)` if it has one
+    (raises UserError); before any directory is made."""
+    check = getattr(REGISTRY[cfg.name], "validate", None)
+    if check is not None:
+        check(cfg)
+
+
+def dimensions(cfg) -> Dimensions:
+    return REGISTRY[cfg.name].dimensions(cfg)
 
 
 def prepare(data: Data, cfg, device: torch.device) -> Data:

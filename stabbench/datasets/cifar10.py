@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 
-from stabbench.datasets import Data, DatasetConfig
+from stabbench.datasets import Data, DatasetConfig, Dimensions
 from stabbench.errors import UserError
 
 FOLDER = "cifar-10-batches-py"
@@ -39,6 +39,10 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if images.ndim != 2 or images.shape[1] != 3072 or len(images) != len(labels):
         raise UserError(f"{path}: wrong shape {images.shape} for {len(labels)} labels; expected [n, 3072]")
     return images, labels
+
+
+def dimensions(cfg) -> Dimensions:
+    return Dimensions(32 * 32 * 3, 10, 50_000, 10_000)
 
 
 def load(cfg) -> Data:

@@ -6,8 +6,8 @@ from typing import Optional
 
 
 
-from stabbench.datasets import Data
-from stabbench.datasets.idx import Config as IdxConfig, load_torchvision_idx
+from stabbench.datasets import Data, Dimensions
+from stabbench.datasets.idx import MNIST_DIMENSIONS, Config as IdxConfig, load_torchvision_idx
 
 DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
@@ -16,6 +16,10 @@ DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
 class Config(IdxConfig):
     name: str = "fashion_mnist"
     root: Optional[str] = None  # None: the Debian package's folder if installed, else ./data
+
+
+def dimensions(cfg) -> Dimensions:
+    return MNIST_DIMENSIONS
 
 
 def load(cfg) -> Data:

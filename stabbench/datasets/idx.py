@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from stabbench.datasets import Data, DatasetConfig
+from stabbench.datasets import Data, DatasetConfig, Dimensions
 from stabbench.errors import UserError
 
 DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -22,6 +22,7 @@ SPLITS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+MNIST_DIMENSIONS = Dimensions(28 * 28, 10, 60_000, 10_000)  # MNIST and Fashion-MNIST alike
 
 
 @dataclass

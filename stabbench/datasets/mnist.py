@@ -4,14 +4,18 @@ from typing import Optional
 
 
 
-from stabbench.datasets import Data
-from stabbench.datasets.idx import Config as IdxConfig, load_torchvision_idx
+from stabbench.datasets import Data, Dimensions
+from stabbench.datasets.idx import MNIST_DIMENSIONS, Config as IdxConfig, load_torchvision_idx
 
 
 @dataclass
 class Config(IdxConfig):
     name: str = "mnist"
     root: Optional[str] = "data"
+
+
+def dimensions(cfg) -> Dimensions:
+    return MNIST_DIMENSIONS
 
 
 def load(cfg) -> Data:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stabbench.datasets import Data, DatasetConfig
+from stabbench.datasets import Data, DatasetConfig, Dimensions
 
 
 @dataclass
@@ -17,6 +17,19 @@ class Config(DatasetConfig):
     n_train: int = 8192
     n_test: int = 2048
     teacher_width: int = 64
+
+
+def validate(cfg) -> None:
+    from stabbench.methods.base import check_range
+
+    for key in ("features", "n_train", "n_test", "teacher_width"):
+        check_range(f"dataset.{key}", cfg[key], low=1)
+    check_range("dataset.classes", cfg.classes, low=2)  # one class leaves nothing to learn
+
+
+def dimensions(cfg) -> Dimensions:
+    teacher = cfg.features * cfg.teacher_width + cfg.teacher_width * cfg.classes
+    return Dimensions(cfg.features, cfg.classes, cfg.n_train, cfg.n_test, loader_floats=teacher)
 
 
 def load(cfg) -> Data:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stabbench.datasets import Data, DatasetConfig
+from stabbench.datasets import Data, DatasetConfig, Dimensions
 
 
 @dataclass
@@ -16,6 +16,17 @@ class Config(DatasetConfig):
     outputs: int = 10
     n_train: int = 4096
     n_test: int = 1024
+
+
+def validate(cfg) -> None:
+    from stabbench.methods.base import check_range
+
+    for key in ("features", "outputs", "n_train", "n_test"):
+        check_range(f"dataset.{key}", cfg[key], low=1)
+
+
+def dimensions(cfg) -> Dimensions:
+    return Dimensions(cfg.features, cfg.outputs, cfg.n_train, cfg.n_test, "regression")
 
 
 def load(cfg) -> Data:

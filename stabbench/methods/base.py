@@ -66,6 +66,7 @@ class Stage:
 
 class Method:
     Config = MethodConfig
+    uses_alpha_dropout = False  # a method whose network applies method.alpha_dropout says so
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -78,6 +79,16 @@ class Method:
     def validate(self) -> None:
         """Raise UserError naming any bad option and what is allowed."""
         check_choice("method.activation", self.cfg.activation, ACTIVATIONS)
+        self.check_shared_options()
+
+    def check_shared_options(self) -> None:
+        """The options every method's config has: numbers finite even where this method's
+        network does not read them, and no alpha dropout that nothing would apply."""
+        for key in ("negative_slope", "gain"):
+            if self.cfg.get(key) is not None:
+                check_range(f"method.{key}", self.cfg[key])
+        if not self.uses_alpha_dropout and self.cfg.get("alpha_dropout") not in (None, 0):
+            raise UserError(f"method.alpha_dropout={self.cfg.alpha_dropout} is for method=snn only; allowed here: 0")
 
     def validate_run(self, cfg) -> None:
         """Checks of the method's options against the whole run config (e.g. a schedule

@@ -26,7 +26,6 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from stabbench import fast
-from stabbench.errors import UserError
 from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, check_choice, linear
 from stabbench.model import MLP, Activation, activation_fn, normalize_hidden
 
@@ -150,8 +149,6 @@ class BSNN(Method):
         check_choice("method.constraint", cfg.constraint, CONSTRAINTS)
         check_choice("method.init", cfg.init, ("orthogonal",))
         check_choice("method.gain", cfg.gain, (1.0,))
-        if cfg.alpha_dropout != 0:
-            raise UserError(f"method.alpha_dropout={cfg.alpha_dropout} is for method=snn only; allowed here: 0")
 
     def build(self, shape: Shape) -> MLP:
         cfg = self.cfg

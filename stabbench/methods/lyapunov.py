@@ -159,6 +159,7 @@ class Lyapunov(Method):
             raise UserError(f"method.negative_slope={cfg.negative_slope} is not allowed; allowed: any finite "
                             "nonzero value (at 0, plain ReLU, the Lyapunov exponent is undefined)")
         check_choice("method.weights", cfg.weights, WEIGHTS)
+        self.check_shared_options()
 
     def hidden_scale(self, width: int) -> float:
         """sigma_crit (gaussian) or eta_crit (orthogonal) for square layers of this width."""

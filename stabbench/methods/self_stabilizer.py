@@ -22,7 +22,6 @@ from torch import nn
 import torch.nn.functional as F
 
 from stabbench import fast
-from stabbench.errors import UserError
 from typing import Optional
 
 from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, check_choice, check_range, linear
@@ -114,8 +113,6 @@ class SelfStabilizer(Method):
         check_choice("method.norm", cfg.norm, NORMS)
         check_range("method.steepness", cfg.steepness, low=0, low_open=True)
         validate_variances(cfg)
-        if cfg.alpha_dropout != 0:
-            raise UserError(f"method.alpha_dropout={cfg.alpha_dropout} is for method=snn only; allowed here: 0")
 
     def build(self, shape: Shape) -> MLP:
         cfg = self.cfg

@@ -32,6 +32,7 @@ class Config(MethodConfig):
 
 class SNN(Method):
     Config = Config
+    uses_alpha_dropout = True
 
     def validate(self) -> None:
         super().validate()
