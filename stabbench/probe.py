@@ -169,7 +169,7 @@ def propagate(model, x: torch.Tensor, targets: torch.Tensor, task: str, error: t
     model = model.double()
     weights = [model.get_parameter(name) for name in model.weight_param_names()]
     n_layers = len(model.layers)
-    unit, log_scale = _unit_rows(x.double())
+    unit, log_scale = _unit_rows(probe_theory.network_input(model, x.double()))
     saved, log_norms, homogeneous = [], [], []
     with torch.no_grad():
         for index in range(n_layers):
@@ -285,8 +285,8 @@ def run(cfg, out_dir: Path) -> dict:
                 constants = method.constants(first)
                 activation = first.activation  # the network's own phi: the theory's
                 del first
-        for key, value in probe_theory.pre_activation_stats(ensemble, x, device).items():
-            pre_activations.setdefault(key, []).append(value)
+        # the Jacobians first, in eval mode: every forward in training mode below moves batch norm's
+        # running statistics, and the Jacobians are of the network as built
         if cfg.probe.jacobian_examples and depth >= 2 and start < probe_theory.JACOBIAN_DRAWS:
             deep_singular_values.append(probe_theory.deep_jacobian_singular_values(
                 ensemble, x, cfg.probe.jacobian_examples, device, draws=probe_theory.JACOBIAN_DRAWS - start))
@@ -294,6 +294,8 @@ def run(cfg, out_dir: Path) -> dict:
             # beyond rank min(width, inputs, outputs) the singular values are 0 up to rounding
             rank = min(cfg.width, x.shape[1], n_outputs)
             singular_values.append(jacobian_singular_values(ensemble, x)[..., :rank])
+        for key, value in probe_theory.pre_activation_stats(ensemble, x, device).items():
+            pre_activations.setdefault(key, []).append(value)
         for key, value in measure(ensemble, x).items():
             per_layer.setdefault(key, []).append(value)
         with _threads(1 if cfg.width <= SMALL_WIDTH and device.type == "cpu" else torch.get_num_threads()):

@@ -77,6 +77,7 @@ def test_bench_writes_both_timings_and_their_ratio(cli, tmp_path, method):
     reference loop must find the trained parameters, as the runner does."""
     code, out, err = cli("bench", f"method={method}", "device=cpu", "depth=3", "width=16", "seeds=2", "log_every=2",
                          "bench.steps=7", "bench.repeats=2", "dataset.n_train=512", "dataset.n_test=64",
+                         "dataset.validation=0",
                          "hydra.run.dir=b")
     assert code == 0, err
     result = json.loads((tmp_path / "b" / "bench.json").read_text())

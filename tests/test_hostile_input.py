@@ -488,7 +488,7 @@ def test_optimiser_options_accepted_are_options_torch_accepts(name, momentum, ne
         assert "\n" not in str(error) and str(error).startswith("optimizer")
     params = [torch.zeros(2, 3, requires_grad=True)]
     try:
-        optimizer = train.make_optimizer(SimpleNamespace(optimizer=opt, lr=0.1), params)
+        optimizer = train.make_optimizer(SimpleNamespace(optimizer=opt, lr=0.1, lrs=None), params)
         params[0].grad = torch.ones_like(params[0])
         optimizer.step()
         torch_accepts = True

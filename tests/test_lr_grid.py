@@ -64,22 +64,31 @@ def assert_member_equals_single_run(tmp_path, *overrides, rtol=2e-4, acc_atol=1e
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("method", sorted(methods.REGISTRY))
 def test_grid_member_equals_a_separate_run(method, optimizer, tmp_path):
-    assert_member_equals_single_run(tmp_path, f"method={method}", *OPTIMIZERS[optimizer])
+    # TAT's default target (C_net(0) = 0.9) needs 13 layers; at SMALL's depth 4, 0.6 is reachable
+    options = ["method.c_val_0_target=0.6"] if method == "tat" else []
+    assert_member_equals_single_run(tmp_path, f"method={method}", *options, *OPTIMIZERS[optimizer])
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("variant", [("method.constraint=orthogonal",), ("method.batch_norm=true",)],
-                         ids=["orthogonal", "batch_norm"])
-def test_grid_member_equals_a_separate_run_through_vmap(variant, optimizer, tmp_path):
-    assert not train.build_ensemble(methods.create(compose("method=bsnn", *variant).method),
-                                    methods.base.Shape(8, 2, 3, 8), [0, 1], torch.device("cpu")).stacked
+@pytest.mark.parametrize("variant, stacked", [(("method.constraint=orthogonal",), False),
+                                              (("method.batch_norm=true",), True)],
+                         ids=["orthogonal-vmap", "batch_norm-stacked"])
+def test_grid_member_equals_a_separate_run_off_the_plain_path(variant, stacked, optimizer, tmp_path):
+    """The orthogonal parametrization goes through vmap; batch norm runs stacked with each
+    member's own statistics: neither is the plain MLP's fast path."""
+    assert train.build_ensemble(methods.create(compose("method=bsnn", *variant).method),
+                                methods.base.Shape(8, 2, 3, 8), [0, 1], torch.device("cpu")).stacked is stacked
     # Adam moves each weight by about lr whatever its gradient's size, so float noise in a near-zero
     # gradient shows: plain seeds batched through vmap already differ from a one-network run by ~3e-4
     # (batch_norm, val loss) before any grid, and an example or two changes class; the grid adds nothing
-    # beyond that.
+    # beyond that. Batch norm makes it worse: the bias of a layer before batch norm has no true
+    # gradient, only rounding noise, which Adam turns into steps of about lr that move the running
+    # means eval mode uses: 2 seeds batched without a grid already differ from a one-network run by
+    # 1.1e-3 in val loss (2.1320 against 2.1344), the grid member by 2.0e-3.
     adam = optimizer == "adam"
     assert_member_equals_single_run(tmp_path, "method=bsnn", *variant, *OPTIMIZERS[optimizer],
-                                    rtol=1e-3 if adam else 2e-4, acc_atol=2.5 / 64 if adam else 1e-6)
+                                    rtol=(3e-3 if stacked else 1e-3) if adam else 2e-4,
+                                    acc_atol=2.5 / 64 if adam else 1e-6)
 
 
 def test_sgd_with_weight_decay_member_equals_a_separate_run(tmp_path):

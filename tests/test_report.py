@@ -267,8 +267,10 @@ def test_report_files_figures_and_index(sweep, capsys):
     for name in ("runs.csv", "table.csv", "table.md", "index.html"):
         assert (out / name).is_file(), name
     figures = sorted(out.glob("*.png"))
-    # lr_sensitivity.png belongs to tuned reports (one lr per cell here: tests/test_tuning.py)
-    assert {p.name for p in figures} == {name for name, _ in report.FIGURES} - {"lr_sensitivity.png"}
+    # lr_sensitivity.png belongs to tuned reports (one lr per cell here: tests/test_tuning.py),
+    # phase_diagram.png to sweeps over method.weight_var (tests/test_phase_diagram.py)
+    assert {p.name for p in figures} == {name for name, _ in report.FIGURES} - {"lr_sensitivity.png",
+                                                                                "phase_diagram.png"}
     for figure in figures:
         assert_png(figure)
     html = (out / "index.html").read_text()
