@@ -224,7 +224,8 @@ def plot_deep_jacobian(ax, sv: np.ndarray | None, block: dict | None) -> None:
 
 def table_rows(block: dict, jacobian: dict | None, depth: int) -> list[tuple[str, str]]:
     """The probe table's mean-field and deep-Jacobian rows."""
-    fmt = lambda v: "inf" if v is None else f"{v:.4g}"
+    fmt = lambda v: "inf" if v is None else f"{v:.4g}"  # JSON's null for an infinite depth scale
+    defined = lambda v: "n/a" if v is None else f"{v:.4g}"  # c* has no value where q* is 0 or inf
     q, c = block["measured"]["q"], block["measured"]["c"]
     rows = []
     if block["applies"]:
@@ -233,7 +234,7 @@ def table_rows(block: dict, jacobian: dict | None, depth: int) -> list[tuple[str
                                                  f"({block['weights']})"),
             ("  phase (chi_1; critical sigma_w^2)", f"{block['phase']} ({fmt(block['chi_1'])}; "
                                                    f"{fmt(block['critical_weight_var'])})"),
-            ("  q*, c*, chi_c", f"{fmt(block['q_star'])}, {fmt(block['c_star'])}, {fmt(block['chi_c'])}"),
+            ("  q*, c*, chi_c", f"{fmt(block['q_star'])}, {defined(block['c_star'])}, {fmt(block['chi_c'])}"),
             ("  xi_q, xi_c, 6 xi_c (layers)", f"{fmt(block['xi_q'])}, {fmt(block['xi_c'])}, {fmt(block['six_xi_c'])}"),
             (f"  q_{depth} measured / length map", f"{fmt(q[-1])} / {fmt(block['q_theory'][-1])}  "
                                                    f"(max rel. error {fmt(block['q_max_relative_error'])})"),

@@ -195,6 +195,7 @@ def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_still_resumes(cli
     assert_stopped_then_resumed(cli, run, reference)
 
 
+@pytest.mark.slow  # 28 s; a single run's Ctrl-C is in the default run
 def test_ctrl_c_in_a_sweep_checkpoints_and_the_same_command_finishes_it(tmp_path):
     """A sweep (-m) stopped by Ctrl-C in its second run: the first is complete, the second
     checkpointed; the same command again skips the first, resumes the second, runs the third."""
@@ -222,7 +223,7 @@ def test_ctrl_c_in_a_sweep_checkpoints_and_the_same_command_finishes_it(tmp_path
         "0_baseline_synthetic_d4_w16_s0", "1_baseline_synthetic_d4_w16_s1", "2_baseline_synthetic_d4_w16_s2"]
 
 
-@pytest.mark.parametrize("command", ["probe", "bench"])
+@pytest.mark.parametrize("command", ["probe", pytest.param("bench", marks=pytest.mark.slow)])
 def test_ctrl_c_in_probe_or_bench_is_one_line_exit_130(tmp_path, command):
     """Probe and bench keep no checkpoint: Ctrl-C stops them with one line, no traceback,
     and a directory that holds nothing yet is removed."""

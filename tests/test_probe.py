@@ -122,6 +122,7 @@ def test_no_jacobian_above_width_64(tmp_path):
     assert summary["lyapunov_exponent"]["mean"] is not None  # depth 2 still has a slope
 
 
+@pytest.mark.slow  # 13 s; test_growth_matches_the_theory_in_narrow_deep_nets[2-100] checks both inits by default
 def test_lyapunov_init_keeps_growth_at_zero_where_he_shrinks(tmp_path):
     common = ("depth=400", "width=16", "probe.networks=8", "probe.batch_size=64")
     lyapunov = probe_run(tmp_path, "method=lyapunov", *common)["lyapunov_exponent"]
@@ -164,7 +165,9 @@ def test_gpn_gradient_ratio_at_the_papers_shape(tmp_path):
 
 # He's exponent at small widths is the Lyapunov paper's regime: at width 2 a net loses
 # ~1.4 nats a layer, so float32 activations are gone by layer 60 and float64 ones by 500.
-NARROW = [(2, 100), (4, 100), (16, 100), pytest.param(2, 600, marks=pytest.mark.slow)]
+# width 2 in the default run (the case); the wider ones and the deepest in `make test-all`
+NARROW = [(2, 100), pytest.param(4, 100, marks=pytest.mark.slow), pytest.param(16, 100, marks=pytest.mark.slow),
+          pytest.param(2, 600, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("width,depth", NARROW, ids=lambda v: str(v))

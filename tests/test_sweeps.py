@@ -98,6 +98,7 @@ def test_joblib_sweep_runs_in_parallel_and_the_same_command_again_retrains_nothi
            {k: v for k, v in before.items() if k[0] != unfinished.name}
 
 
+@pytest.mark.slow  # 11 s; the joblib launcher's test covers the launcher path by default
 def test_submitit_local_sweep_writes_complete_runs(sweep_cli, tmp_path):
     code, out, err = sweep_cli("run", "-m", "hydra/launcher=submitit_local", "depth=2,3", *SWEEP)
     assert code == 0, err
