@@ -281,6 +281,8 @@ class Run:
             optimizer.load_state_dict(resume["optimizer"])
             state.load_state_dict(resume["loop"])
             torch.set_rng_state(resume["rng"])
+            for g, saved in zip(orders, state.order_states):
+                g.set_state(saved)  # resumed at an epoch's first step, the loop below reads its start from here
         resumed_at = state.step
         progress = TrainingProgress(f"{cfg.method.name} d{stage.depth} w{cfg.width}"
                                     + (f" stage {stage.index}" if stage.index else ""), total_steps)

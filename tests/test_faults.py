@@ -316,6 +316,9 @@ PREEMPTIONS = {
     "snn_alpha_dropout": (["method=snn", "method.alpha_dropout=0.1", "lr=0.001"], 15, signal.SIGUSR2, 0),
     "one_of_three_seeds_diverged": (["seeds=3", "method.activation=relu", "method.init=he", "lr=0.05"], 8,
                                     signal.SIGTERM, 0),
+    # the signal at step 31 (the 32nd log step): the checkpoint is the first step of epoch 1, whose
+    # data order must be epoch 1's, not replayed from the stage's start
+    "at_an_epoch_boundary": (["log_every=1"], 32, signal.SIGTERM, 0),
 }
 
 
