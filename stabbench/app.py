@@ -88,6 +88,11 @@ def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> li
     from stabbench.config import register_schemas
 
     args = parse_arguments(argv)
+    if args.cfg == "hydra" and args.resolve:
+        # Hydra prints the hydra node alone, whose run directory names (${method.name}, ...) point
+        # into the run's config: resolving it ends in an InterpolationKeyError traceback
+        raise UserError("--cfg hydra --resolve cannot resolve the hydra node on its own (its directory names "
+                        "use the run's keys); allowed: --cfg hydra without --resolve, or --cfg all --resolve")
     if any(getattr(args, flag, None) for flag in INFO_FLAGS):
         return []
     register_schemas()

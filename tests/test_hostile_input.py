@@ -145,6 +145,8 @@ CASES = [
     # Hydra's flags: -m after the overrides still means a sweep; an unknown flag is one line, not argparse's usage
     (["depth=2,0", "-m"], ["depth=0", "allowed: >= 1"]),
     (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+    # Hydra's own `--cfg hydra --resolve` ends in an InterpolationKeyError traceback
+    (["--cfg", "hydra", "--resolve"], ["--cfg hydra --resolve", "--cfg all --resolve"]),
     # one bad point of a sweep stops the whole sweep before any point runs
     (["-m", "depth=2,0"], ["depth=0", "allowed: >= 1"]),
     (["-m", "hydra/launcher=joblib", "lr=0.1,-1"], ["lr=-1", "allowed: > 0"]),
