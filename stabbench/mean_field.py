@@ -168,7 +168,7 @@ def fixed_point_length(phi, weight_var: float, bias_var: float, start: float = 1
         falling, q = new < q, new
         history.append(q)
         if len(history) == 3:
-            q = history[-1] = _aitken(*history)
+            q = _aitken(*history)
             history = [q]
     return 0.0 if falling and q < 1e-3 * start else q
 

@@ -178,9 +178,13 @@ class MLP(nn.Module):
     def depth(self) -> int:
         return len(self.layers) - 1
 
+    def map_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What layer 1 sees: x after the fixed input map, if any (the probe's layer-by-layer
+        passes start here too)."""
+        return x if self.input_map is None else self.input_map(x)
+
     def forward(self, x, record: bool = False, keep_hidden: bool = False):
-        if self.input_map is not None:
-            x = self.input_map(x)
+        x = self.map_input(x)
         plain = None if keep_hidden else self._plain_activation(x)
         if plain is not None:  # the same numbers, less autograd bookkeeping (fast.plain_mlp)
             logits, hidden = fast.plain_mlp(x, [layer.weight for layer in self.layers],

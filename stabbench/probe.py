@@ -169,7 +169,7 @@ def propagate(model, x: torch.Tensor, targets: torch.Tensor, task: str, error: t
     model = model.double()
     weights = [model.get_parameter(name) for name in model.weight_param_names()]
     n_layers = len(model.layers)
-    unit, log_scale = _unit_rows(probe_theory.network_input(model, x.double()))
+    unit, log_scale = _unit_rows(model.map_input(x.double()))
     saved, log_norms, homogeneous = [], [], []
     with torch.no_grad():
         for index in range(n_layers):

@@ -31,13 +31,6 @@ def networks(ensemble, device) -> list:
     return [(ensemble.member(k, device), False) for k in range(ensemble.size)]
 
 
-def network_input(network, x: torch.Tensor) -> torch.Tensor:
-    """What the network's first layer sees: x after the network's fixed input map, if it has
-    one (TAT's per-location normalisation appends a coordinate and rescales each input)."""
-    input_map = getattr(network, "input_map", None)
-    return x if input_map is None else input_map(x)
-
-
 @torch.no_grad()
 def pre_activation_stats(ensemble, x: torch.Tensor, device) -> dict[str, np.ndarray]:
     """q [E, depth]: mean over examples and units of h_l^2 for each hidden layer; c [E, pairs, depth]:
@@ -47,7 +40,7 @@ def pre_activation_stats(ensemble, x: torch.Tensor, device) -> dict[str, np.ndar
     pairs = min(PAIRS, len(x) // 2)
     q_all, c_all = [], []
     for network, stacked in networks(ensemble, device):
-        h_in = network_input(network, x.expand(ensemble.size, *x.shape) if stacked else x[None])
+        h_in = network.map_input(x.expand(ensemble.size, *x.shape) if stacked else x[None])
         qs, cs = [], []
         for layer in network.layers[:-1]:
             h = layer(h_in if stacked else h_in[0])
@@ -123,7 +116,7 @@ def deep_jacobian_singular_values(ensemble, x: torch.Tensor, examples: int, devi
             return x1
 
         with torch.no_grad():
-            x1 = member.activation(hidden[0](network_input(member, x[:examples])))
+            x1 = member.activation(hidden[0](member.map_input(x[:examples])))
         jac = vmap(jacrev(deep))(x1.detach()).detach().double()
         finite = torch.isfinite(jac).flatten(1).all(-1)
         sv = torch.linalg.svdvals(torch.where(finite[:, None, None], jac, torch.zeros_like(jac)))
