@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from stabbench import locks
 from stabbench.errors import UserError
 
 CONFIG_MODULE = "stabbench.conf"
@@ -20,9 +22,20 @@ GROUPS = ("method", "dataset", "optimizer", "experiment")
 INFO_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion")
 
 
-def fail(message: str) -> None:
+def fail(message: str, status: int = 2) -> None:
     print(f"stabbench: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
+
+
+# The errors of a full disk, a quota or a read-only file system: the environment's, not the input's.
+UNWRITABLE = {28: "no space left on device", 122: "disk quota exceeded", 30: "read-only file system"}
+
+
+def unwritable_message(error: OSError, out_dir: Path) -> str:
+    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+    return (f"cannot write into {out_dir}: {UNWRITABLE[error.errno]}{where}; every file already there is whole "
+            f"(a run's last checkpoint included): make room and type the same command again to continue, "
+            f"then `stabbench report <dir>` for a sweep's report")
 
 
 def group_options(group: str) -> list[str]:
@@ -67,16 +80,26 @@ def _one_line(error: BaseException) -> str:
     return "; ".join(dict.fromkeys(parts)) or "invalid configuration"
 
 
-def check_overrides(argv: list[str], config_name: str, validate: Callable) -> list[Path]:
+@dataclass
+class Plan:
+    """What a command will write: each job's directory, and the one directory the command
+    writes into as a whole (a run's, or a sweep's), None for Hydra's info flags. `default`:
+    that directory's name comes from the config's template (${now:}...), not from the user."""
+    dirs: list[Path] = field(default_factory=list)
+    root: Path | None = None
+    default: bool = False
+
+
+def check_overrides(argv: list[str], config_name: str, validate: Callable) -> Plan:
     """Compose and validate each configuration the arguments describe; exit 2 on the first
-    bad one. Returns the directories the jobs will write (see find_bad_config)."""
+    bad one. Returns what the jobs will write (see find_bad_config)."""
     try:
         return find_bad_config(argv, config_name, validate)
     except UserError as error:
         fail(str(error))
 
 
-def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> list[Path]:
+def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> Plan:
     """Raise UserError for the first configuration of the arguments that is not valid;
     else return the output directory planned for each (none for Hydra's info flags)."""
     from hydra import compose, initialize_config_module
@@ -94,9 +117,11 @@ def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> li
         raise UserError("--cfg hydra --resolve cannot resolve the hydra node on its own (its directory names "
                         "use the run's keys); allowed: --cfg hydra without --resolve, or --cfg all --resolve")
     if any(getattr(args, flag, None) for flag in INFO_FLAGS):
-        return []
+        return Plan()
     register_schemas()
     planned = []
+    root_key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+    default = not any(o.startswith(f"{root_key}=") for o in args.overrides)
     try:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
         for override in parsed:
@@ -116,10 +141,14 @@ def find_bad_config(argv: list[str], config_name: str, validate: Callable) -> li
                 cfg = compose(config_name=config_name, overrides=list(combo), return_hydra_config=True)
                 validate(cfg)
                 planned.append(planned_output_dir(cfg, args.multirun, number))
+                if number == 0:
+                    root = planned[0].parent if args.multirun else planned[0]
+                    if args.multirun:
+                        check_sweep_dir(root)
                 check_output_dir(planned[-1], cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         raise UserError(_one_line(error)) from None
-    return planned
+    return Plan(planned, root if planned else None, default)
 
 
 def flags_first(argv: list[str]) -> list[str]:
@@ -162,16 +191,45 @@ def planned_output_dir(cfg, multirun: bool, number: int) -> Path:
     return Path(OmegaConf.select(cfg, "hydra.sweep.dir")) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
 
 
+def is_run_dir(folder: Path) -> bool:
+    """Whether `folder` is a run's (or a probe's, a bench's) own directory."""
+    return any((folder / name).exists() for name in (".hydra", "summary.json", "checkpoint.pt", "metrics.csv"))
+
+
+def nested_runs(folder: Path, limit: int = 20_000) -> Path | None:
+    """A run or sweep directory below `folder` (not itself), if any; looks at `limit` folders at most."""
+    seen = 0
+    for here, dirs, files in os.walk(folder):
+        here = Path(here)
+        if here != folder and (is_run_dir(here) or "multirun.yaml" in files):
+            return here
+        dirs[:] = [d for d in dirs if d != ".hydra"]
+        seen += 1
+        if seen > limit:
+            return None
+    return None
+
+
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """A sweep's directory is not a run's own: the sweep's runs would hide inside that run."""
+    if sweep_dir.is_dir() and is_run_dir(sweep_dir):
+        raise UserError(f"hydra.sweep.dir={sweep_dir} is a run's own directory; a sweep needs a directory of its own")
+
+
 def check_output_dir(out_dir: Path, cfg) -> None:
     """Refuse, before Hydra writes anything there, a directory that holds another config's
-    run or checkpoint, or one that cannot be written."""
-    import os
+    run or checkpoint, one that holds other runs or sweeps, or one that cannot be written."""
     import tempfile
 
     from omegaconf import OmegaConf
 
     from stabbench import checkpoint
 
+    if out_dir.is_dir():
+        inner = nested_runs(out_dir)
+        if inner is not None:
+            raise UserError(f"{out_dir} already holds other runs or sweeps (e.g. {inner}); a run needs a directory "
+                            f"of its own: choose another hydra.run.dir")
     config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     checkpoint.check_run_dir(out_dir, config)
     existing = out_dir
@@ -186,8 +244,9 @@ def check_output_dir(out_dir: Path, cfg) -> None:
                         f"set hydra.run.dir / hydra.sweep.dir to a writable place") from None
 
 
-# What Hydra writes into a job's or a sweep's directory before stabbench writes anything.
-HYDRA_RECORDS = {".hydra", "stabbench.log", "multirun.yaml"}
+# What Hydra (and the directory's lock) puts into a job's or a sweep's directory before
+# stabbench writes anything.
+HYDRA_RECORDS = {".hydra", "stabbench.log", "multirun.yaml", locks.FILENAME}
 
 
 def holds_results(folder: Path) -> bool:
@@ -287,18 +346,32 @@ def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
     if validate is None:
         from stabbench.config import validate
     argv = flags_first(argv)
-    planned = check_overrides(argv, config_name, validate)
+    plan = check_overrides(argv, config_name, validate)
     register_schemas()
     register_help_resolver()
     earlier = previous_output_dir(argv, config_name) if continue_earlier else []
     if earlier:
         try:
-            planned = find_bad_config(argv + earlier, config_name, validate)
+            plan = find_bad_config(argv + earlier, config_name, validate)
             argv = argv + earlier
         except UserError as error:  # e.g. stabbench's defaults changed since: keep that dir as it is
             print(f"stabbench: not continuing there ({error}); starting a new directory", flush=True)
     # Folders that exist before Hydra makes any: a failed job's cleanup stops at them.
-    kept = {folder for path in planned for folder in existing_ancestors(path)}
+    kept = {folder for path in plan.dirs for folder in existing_ancestors(path)}
+    root = plan.root
+    if root is not None:
+        try:
+            if plan.default:  # a name no other command holds, fixed now for Hydra to use
+                root = claim_new_dir(root)
+                argv = argv + [f"{'hydra.sweep.dir' if parse_arguments(argv).multirun else 'hydra.run.dir'}="
+                               f"{quoted(root)}"]
+            locks.acquire(root)  # refused: the directory is another live command's, and stays as it is
+        except UserError as error:
+            fail(str(error))
+        except OSError as error:
+            if error.errno in UNWRITABLE:
+                fail(unwritable_message(error, root), 1)
+            raise
 
     def job(cfg):
         """One run; what `task` returns goes back to Hydra's sweeper (a run: its selection score)."""
@@ -309,6 +382,7 @@ def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         fresh = not holds_results(out_dir)
         try:
+            locks.acquire(out_dir)  # a sweep's job: its own directory, against a run typed into it
             validate(cfg)
             return task(cfg, out_dir)
         except UserError as error:
@@ -318,9 +392,14 @@ def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
         except BaseException as error:  # noqa: BLE001 - cleaned up, then reported or raised on
             if fresh and not holds_results(out_dir):  # stopped before it wrote anything (Ctrl-C, out of memory)
                 remove_made(out_dir, kept)
+            if isinstance(error, OSError) and error.errno in UNWRITABLE:
+                fail(unwritable_message(error, out_dir), 1)
             if isinstance(error, Exception) and memory.is_out_of_memory(error):
                 fail(memory.out_of_memory_message(error))
             raise
+        finally:
+            if root is None or out_dir.absolute() != Path(root).absolute():
+                locks.release(out_dir)
 
     main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name)(job)
     sys.argv = ["stabbench", *argv]
@@ -330,3 +409,33 @@ def run_hydra(argv: list[str], task: Callable, config_name: str = "config",
         main()
     except (HydraException, ValueError) as error:  # raised by Hydra itself, outside any job (e.g. clashing flags)
         fail(_one_line(error))
+    except OSError as error:  # Hydra writing its records (multirun.yaml, .hydra/) onto a full disk
+        if error.errno in UNWRITABLE:
+            fail(unwritable_message(error, root or Path(".")), 1)
+        raise
+    finally:
+        if root is not None:
+            made = Path(root).absolute() not in kept
+            if made and Path(root).exists() and not holds_results(Path(root)):
+                remove_made(Path(root), kept)  # still locked: no other command is starting there
+            locks.release(root)
+
+
+def claim_new_dir(path: Path) -> Path:
+    """Make `path`, or `path-2`, `path-3`, ... if another command made it first: a default name
+    is taken by one command only, however many start in the same microsecond."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = path if attempt == 1 else path.with_name(f"{path.name}-{attempt}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise UserError(f"no free directory name next to {path}")
+
+
+def quoted(path: Path) -> str:
+    """A path as a quoted Hydra override value (commas, spaces and = stay part of it)."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -30,7 +30,7 @@ from stabbench.outputs import atomic_write_bytes
 
 FILENAME = "checkpoint.pt"
 # Keys that do not change what a run computes: a rerun may differ in these and still resume / skip.
-NEUTRAL_KEYS = ("skip_done", "checkpoint_every")
+NEUTRAL_KEYS = ("skip_done", "checkpoint_every", "explode_factor")  # explode_factor: only how a summary reads
 
 
 def config_key(config: dict) -> str:
@@ -58,12 +58,32 @@ def save(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load(path: Path) -> dict:
+# What `train.Run.save_checkpoint` writes, by type: a file of another shape is refused whole.
+CHECKPOINT_FIELDS = {"config_key": str, "config": dict, "stage": int, "finished": list, "ensemble": dict,
+                     "optimizer": dict, "loop": dict, "rng": torch.Tensor, "rows": dict}
+
+
+def read(path: Path) -> dict:
+    """The checkpoint's data (weights_only: no code runs), checked only for being a dict."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise UserError(f"{path}: not a readable stabbench checkpoint ({type(error).__name__}); "
                         f"delete it to start the run afresh") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a stabbench checkpoint (a {type(state).__name__}); delete it to start the run afresh")
+    return state
+
+
+def load(path: Path) -> dict:
+    """A checkpoint to resume from: every field a run saves, of its type."""
+    state = read(path)
+    wrong = (["a dict"] if not isinstance(state, dict) else
+             [key for key, kind in CHECKPOINT_FIELDS.items() if not isinstance(state.get(key), kind)])
+    if wrong or not all(isinstance(state["rows"].get(k), int) for k in ("metrics", "layers")):
+        raise UserError(f"{path}: not a stabbench checkpoint of this version (wrong or missing: "
+                        f"{', '.join(wrong) or 'rows'}); delete it to start the run afresh")
+    return state
 
 
 class Preemption:
@@ -107,25 +127,55 @@ class Preemption:
         sys.exit(128 + signum)
 
 
+SUMMARY_LIMIT = 64 * 2 ** 20  # bytes; a run's summary is kilobytes, even for a grid of hundreds of members
+# Files a run writes as it goes: a directory holding any of them holds (part of) a run.
+RECORDS = ("metrics.csv", "layers.csv")
+
+
 def read_summaries(out_dir: Path) -> list[dict] | None:
-    """The per-seed summaries of a complete run in out_dir, or None."""
+    """The per-seed summaries of a complete run in out_dir; None if it has no summary.json.
+    A summary that cannot be read, or is not of the shape a run writes, is a UserError naming
+    it: it must not pass for an absent one (which would let another config overwrite the run)."""
     path = Path(out_dir) / "summary.json"
-    if not path.is_file():
+    if not path.exists():
         return None
+    fix = f"delete it (or the run directory) to run there again, or choose another hydra.run.dir"
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        if path.stat().st_size > SUMMARY_LIMIT:
+            raise ValueError(f"larger than {SUMMARY_LIMIT // 2 ** 20} MB")
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as error:
+        raise UserError(f"{path} is unreadable ({type(error).__name__}: {str(error)[:80]}); {fix}") from None
+    entries = data.get("seeds") if isinstance(data, dict) and "seeds" in data else [data]
+    if (not isinstance(entries, list) or not entries
+            or not all(isinstance(e, dict) and isinstance(e.get("config"), dict) for e in entries)):
+        raise UserError(f"{path} is not a stabbench summary (expected an object with its config, or "
+                        f"{{\"seeds\": [...]}} of such objects); {fix}")
+    return entries
+
+
+def saved_task_config(out_dir: Path) -> dict | None:
+    """The config Hydra recorded in out_dir/.hydra/config.yaml, unresolved (nothing in it is
+    expanded); None if there is none or it cannot be read."""
+    from omegaconf import OmegaConf
+
+    path = Path(out_dir) / ".hydra" / "config.yaml"
+    try:
+        if not path.is_file() or path.stat().st_size > SUMMARY_LIMIT:
+            return None
+        saved = OmegaConf.to_container(OmegaConf.create(path.read_text()), resolve=False)
+    except Exception:  # noqa: BLE001 - an unreadable record is no evidence either way
         return None
-    return data["seeds"] if isinstance(data, dict) and "seeds" in data else [data]
+    return saved if isinstance(saved, dict) else None
 
 
 def check_run_dir(out_dir: Path, config: dict) -> list[dict] | None:
     """Before a run touches out_dir: return its summaries if it already holds a complete run
-    of this config; raise UserError if it holds a run or checkpoint of another config (so
-    nothing there is overwritten); else None."""
+    of this config; raise UserError if it holds a run, a checkpoint or a partial run of
+    another config (so nothing there is overwritten), or an unreadable summary; else None."""
     out_dir = Path(out_dir)
     summaries = read_summaries(out_dir)
-    if summaries is not None and summaries and "config" in summaries[0]:
+    if summaries is not None:
         if config_key(summaries[0]["config"]) == config_key(config):
             return summaries
         differ = ", ".join(config_difference(summaries[0]["config"], config)[:5])
@@ -133,9 +183,18 @@ def check_run_dir(out_dir: Path, config: dict) -> list[dict] | None:
                         f"choose another hydra.run.dir / hydra.sweep.dir")
     path = out_dir / FILENAME
     if path.is_file():
-        saved = load(path)
+        saved = read(path)
         if saved.get("config_key") != config_key(config):
-            differ = ", ".join(config_difference(saved.get("config", {}), config)[:5])
+            differ = ", ".join(config_difference(saved.get("config") if isinstance(saved.get("config"), dict) else {},
+                                                 config)[:5])
             raise UserError(f"{out_dir} holds a checkpoint of another config (differs in: {differ}); "
                             f"choose another hydra.run.dir / hydra.sweep.dir, or delete {path}")
+        return None
+    if any((out_dir / name).exists() for name in RECORDS):
+        # A partial run killed before its first checkpoint: its config is Hydra's record.
+        saved = saved_task_config(out_dir)
+        if saved is None or config_key(saved) != config_key(config):
+            differ = ", ".join(config_difference(saved, config)[:5]) if saved is not None else "its config is unreadable"
+            raise UserError(f"{out_dir} holds a partial run of another config (differs in: {differ}); "
+                            f"choose another hydra.run.dir / hydra.sweep.dir")
     return None

@@ -72,6 +72,9 @@ class Config:
     log_every: int = 10  # steps between train rows in metrics.csv / layers.csv
     checkpoint_every: int = 0  # steps; 0 = only on preemption signals
     skip_done: bool = True  # a rerun finds a complete summary.json with the same config and does nothing
+    # A member whose train loss ends beyond explode_factor x its initial loss (or whose hidden
+    # gradients are all exactly 0 with no progress) is "exploded": finite, yet not trained.
+    explode_factor: float = 100.0
 
 
 def register_schemas() -> None:
@@ -108,6 +111,7 @@ def validate(cfg) -> None:
         check_range("max_steps", cfg.max_steps, low=1)
     check_range("checkpoint_every", cfg.checkpoint_every, low=0)
     check_range("lr", cfg.lr, low=0, low_open=True)
+    check_range("explode_factor", cfg.explode_factor, low=1, low_open=True)
     lr_grid.validate(cfg)
     check_choice("device", cfg.device, ("auto", "cpu", "cuda"))
     if cfg.device == "cuda":

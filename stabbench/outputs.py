@@ -64,6 +64,25 @@ def _json_default(value):
     raise TypeError(type(value))
 
 
+def records_digest(frame: pd.DataFrame, columns: list[str] | None = None) -> dict:
+    """Columns and a digest of their values, the same for the rows in memory and for the same
+    rows read back from their CSV (numbers as float64, NaN as itself, text as text)."""
+    import hashlib
+
+    columns = list(frame.columns) if columns is None else columns
+    digest = hashlib.sha256()
+    for column in columns:
+        if column not in frame:
+            return {"columns": columns, "digest": f"missing {column}"}
+        values = frame[column]
+        numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+        text = values.where(values.isna() | np.isnan(numbers), "")  # what is not a number, as text
+        missing = np.isnan(numbers)
+        digest.update(np.where(missing, 0.0, numbers).tobytes() + missing.tobytes())
+        digest.update("\x1f".join("" if v is None or v != v else str(v) for v in text).encode())
+    return {"columns": columns, "digest": digest.hexdigest()}
+
+
 class RunRecorder:
     """Collects metrics and per-layer rows in memory; `flush` rewrites both CSVs whole."""
 
@@ -93,23 +112,42 @@ class RunRecorder:
     def row_counts(self) -> dict[str, int]:
         return {"metrics": len(self.metric_rows), "layers": sum(len(f) for f in self.layer_frames)}
 
-    def reload(self, counts: dict[str, int]) -> None:
-        """Resume: take back the rows written up to a checkpoint (rows are only ever appended,
-        so the first `counts` rows of each file are exactly the checkpoint's)."""
-        for name in ("metrics.csv", "layers.csv"):
-            if not (self.out_dir / name).is_file():
-                from stabbench.errors import UserError
+    def digests(self) -> dict[str, dict]:
+        """What a checkpoint remembers of the records it continues: per file, its columns and a
+        digest of their values, checked on resume (`reload`)."""
+        return {"metrics": records_digest(self.metrics_frame()), "layers": records_digest(self.layers_frame())}
 
-                raise UserError(f"{self.out_dir} has a checkpoint but no {name} to resume; "
-                                f"delete {self.out_dir / 'checkpoint.pt'} to start the run afresh")
-        metrics = pd.read_csv(self.out_dir / "metrics.csv").head(counts["metrics"])
+    def reload(self, counts: dict[str, int], digests: dict | None = None) -> None:
+        """Resume: take back the rows written up to a checkpoint (rows are only ever appended,
+        so the first `counts` rows of each file are exactly the checkpoint's). A file that is
+        missing, unreadable, shorter than that or whose rows differ from what the checkpoint
+        saw (truncated, edited) is refused: continuing from it would report a complete run
+        with missing or garbage rows."""
+        from stabbench.errors import UserError
+
+        frames = {}
+        for kind in ("metrics", "layers"):
+            path = self.out_dir / f"{kind}.csv"
+            fix = f"delete {self.out_dir / 'checkpoint.pt'} (and {path.name}) to start the run afresh"
+            if not path.is_file():
+                raise UserError(f"{self.out_dir} has a checkpoint but no {path.name} to resume; {fix}")
+            try:
+                frame = pd.read_csv(path, low_memory=False).head(counts[kind])
+            except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as error:
+                raise UserError(f"{path} cannot be read to resume the checkpoint ({type(error).__name__}); "
+                                f"{fix}") from None
+            if kind == "layers":
+                # The diagnostics are float32 on the device; read back as float32 they print as before.
+                # (lr is the config's float64, not a diagnostic: it stays as written)
+                frame = frame.astype({c: "float32" for c in frame.columns if frame[c].dtype == "float64" and c != "lr"})
+            expected = (digests or {}).get(kind)
+            if len(frame) < counts[kind] or (expected is not None and records_digest(frame, expected["columns"]) != expected):
+                raise UserError(f"{path} does not hold the {counts[kind]} rows its checkpoint continues "
+                                f"(truncated or changed since); {fix}")
+            frames[kind] = frame
         self.metric_rows = [{k: v for k, v in row.items() if not pd.isna(v) or k in METRICS_COLUMNS}
-                            for row in metrics.to_dict("records")]
-        layers = pd.read_csv(self.out_dir / "layers.csv").head(counts["layers"])
-        # The diagnostics are float32 on the device; read back as float32 they print as before.
-        # (lr is the config's float64, not a diagnostic: it stays as written)
-        self.layer_frames = [layers.astype({c: "float32" for c in layers.columns
-                                            if layers[c].dtype == "float64" and c != "lr"})]
+                            for row in frames["metrics"].to_dict("records")]
+        self.layer_frames = [frames["layers"]]
 
     def flush(self) -> None:
         write_csv(self.out_dir / "metrics.csv", self.metrics_frame())

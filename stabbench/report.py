@@ -32,7 +32,8 @@ from stabbench.errors import UserError
 from stabbench.outputs import atomic_write_text, write_csv
 
 SUMMARY_FIELDS = ["schema_version", "method", "dataset", "depth", "width", "seed", "lr", "steps", "epochs",
-                  "train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "diverged", "diverged_step", "grad_norm_ratio_init",
+                  "train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "diverged", "diverged_step", "exploded",
+                  "exploded_step", "grad_norm_ratio_init",
                   "grad_norm_ratio_final", "total_steps", "total_flops", "wall_time_s", "device"]
 GROUP_KEYS = ["method", "dataset", "depth", "width"]
 AGGREGATED = ["train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "grad_norm_ratio_init",
@@ -74,7 +75,7 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
                 dirs[:] = []
                 continue
             dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
-    return sorted(dict.fromkeys(found))
+    return sorted(dict.fromkeys(p.resolve() for p in found))  # a run given twice (or via a link) counts once
 
 
 def _read_summary(run_dir: Path) -> list[dict] | None:
@@ -114,8 +115,10 @@ def _flatten_config(configs: list[dict]) -> pd.DataFrame:
 
 
 def _format_value(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "null"  # a config's null (a key a run lacks reads the same: neither set it)
     if isinstance(value, float):
-        return "?" if math.isnan(value) else f"{value:g}"
+        return f"{value:g}"
     return str(value)
 
 
@@ -123,7 +126,7 @@ def _label(names: pd.Series, options: pd.DataFrame, short: callable) -> pd.Serie
     """`name (key=value, ...)` with, per name, only the option columns whose values differ among its runs."""
     label = names.astype(str).copy()
     for name, rows in options.groupby(names, sort=False):
-        varying = [c for c in rows.columns if rows[c].nunique(dropna=True) > 1]
+        varying = [c for c in rows.columns if rows[c].nunique(dropna=False) > 1]  # null is a value too
         if not varying:
             continue
         parts = [short(c) + "=" + rows[c].map(_format_value) for c in varying]
@@ -240,7 +243,8 @@ def read_runs(dirs: list[Path], root: Path) -> RunSet:
                 if lr is not None:
                     config["lr"] = lr  # a grid member's own lr, as a separate run's config would say
                 record = {k: v for k, v in entry.items() if k not in ("config", "stages")}
-                status = entry.get("status") or ("diverged" if entry.get("diverged") else "complete")
+                status = entry.get("status") or ("diverged" if entry.get("diverged") else
+                                                 "exploded" if entry.get("exploded") else "complete")
                 record.update(run_id=run_id, status=status, lr=lr)
                 records.append(record)
                 configs.append(config)
@@ -262,6 +266,7 @@ def read_runs(dirs: list[Path], root: Path) -> RunSet:
         if (numbers.dropna() % 1 == 0).all():
             runs[column] = numbers.astype("Int64")
     runs["diverged"] = runs["diverged"].astype("boolean").fillna(False).astype(bool)
+    runs["exploded"] = runs["exploded"].astype("boolean").fillna(False).astype(bool)  # older summaries: none
 
     run_set = RunSet(root=root, dirs=dirs, runs=runs, config=config, member_lr=member_lr)
     _fill_partial(run_set)
@@ -303,12 +308,12 @@ def _add_labels(run_set: RunSet) -> None:
     options = [c for c in config.columns
                if c not in NOT_AN_OPTION and not c.startswith(NOT_AN_OPTION_PREFIXES)
                and c not in ("method.name", "dataset.name")]
-    run_set.varying = [c for c in config.columns if config[c].nunique(dropna=True) > 1]
+    run_set.varying = [c for c in config.columns if config[c].nunique(dropna=False) > 1]
     method_options = [c for c in options if c.startswith("method.")]
     training_options = [c for c in options if not c.startswith(("method.", "dataset."))]
     dataset_options = [c for c in options if c.startswith("dataset.")]
     # Training options (lr, optimizer...) that vary anywhere split every method's runs.
-    varying_training = [c for c in training_options if config[c].nunique(dropna=True) > 1]
+    varying_training = [c for c in training_options if config[c].nunique(dropna=False) > 1]
 
     def short(key: str) -> str:
         return key[len("method."):] if key.startswith("method.") else key
@@ -357,12 +362,13 @@ def runs_table(run_set: RunSet, target_loss: float | None = None) -> pd.DataFram
 
 
 def without_diverged(runs: pd.DataFrame) -> pd.DataFrame:
-    """A copy with a diverged seed's figures (AGGREGATED, steps_to_target) NaN, so that no
-    mean, table or figure counts them, whatever an older summary.json holds for them."""
+    """A copy with a diverged or exploded seed's figures (AGGREGATED, steps_to_target) NaN, so
+    that no mean, table or figure counts them, whatever an older summary.json holds for them."""
     runs = runs.copy()
     values = [c for c in AGGREGATED + ["steps_to_target"] if c in runs]
     runs[values] = runs[values].apply(pd.to_numeric, errors="coerce")  # all-null columns read as objects
-    runs.loc[runs["diverged"].astype(bool), values] = np.nan
+    failed = runs["diverged"].astype(bool) | (runs["exploded"].astype(bool) if "exploded" in runs else False)
+    runs.loc[failed, values] = np.nan
     return runs
 
 
@@ -374,7 +380,9 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     runs["finished"] = runs["status"] != "partial"
     finished = runs[runs["finished"]]
     groups = runs.groupby(GROUP_KEYS, dropna=False, sort=True)
-    table = groups.agg(n=("finished", "sum"), diverged=("diverged", "sum"),
+    if "exploded" not in runs:
+        runs["exploded"] = False
+    table = groups.agg(n=("finished", "sum"), diverged=("diverged", "sum"), exploded=("exploded", "sum"),
                        partial=("finished", lambda s: int((~s).sum())))
     values = [c for c in AGGREGATED if c in runs]
     stats = finished.groupby(GROUP_KEYS, dropna=False)[values].agg(["mean", "std"])
@@ -385,7 +393,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
             steps_to_target_mean="mean", steps_to_target_std="std", reached_target="count")
         table = table.join(target)
     table = table.reset_index()
-    table[["n", "diverged", "partial"]] = table[["n", "diverged", "partial"]].astype(int)
+    table[["n", "diverged", "exploded", "partial"]] = table[["n", "diverged", "exploded", "partial"]].astype(int)
     return table
 
 
@@ -419,6 +427,8 @@ def readable_table(table: pd.DataFrame) -> pd.DataFrame:
         out["lrs tried"] = table["lrs_tried"].astype(str)
     out["n"] = table["n"].astype(str)
     out["diverged"] = table["diverged"].astype(str)
+    if table["exploded"].any():
+        out["exploded"] = table["exploded"].astype(str)
     if table["partial"].any():
         out["partial"] = table["partial"].astype(str)
     names = {"train_loss": "train loss", "val_acc": "val acc", "test_loss": "test loss", "test_acc": "test acc",
@@ -455,7 +465,7 @@ def print_table(table: pd.DataFrame, title: str) -> None:
     rich_table = Table(title=title, title_justify="left")
     keys = ["method"] + (["dataset"] if table["dataset"].nunique() > 1 else []) + ["depth", "width"]
     keys += ["lr"] if "lr" in table else []
-    counts = ["n", "diverged"] + (["partial"] if table["partial"].any() else [])
+    counts = ["n", "diverged"] + [c for c in ("exploded", "partial") if table[c].any()]
     for column in keys + counts + list(figures.values()):
         text = column in ("method", "dataset")
         rich_table.add_column(column, justify="left" if text else "right", overflow="fold",
@@ -524,6 +534,7 @@ def write_figures(run_set: RunSet, out_dir: Path, runs: pd.DataFrame | None = No
     from stabbench import plots
 
     runs = run_set.runs if runs is None else runs
+    runs = runs.assign(diverged=runs["diverged"] | runs["exploded"])  # the figures mark an exploded seed as diverged
     colors = method_colors(run_set.runs["method"])
     cells = _cells(runs)
     members = _members(runs, cells)
@@ -593,7 +604,8 @@ def write_index(out_dir: Path, readable: pd.DataFrame, runs: pd.DataFrame, figur
     import html
 
     counts = runs["status"].value_counts()
-    status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("complete", "diverged", "partial") if counts.get(s, 0))
+    status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("complete", "diverged", "exploded", "partial")
+                       if counts.get(s, 0))
     files = [name for name in ("table.csv", "table.md", "runs.csv", "tuning.csv") if (out_dir / name).exists()]
     captions = dict(FIGURES)
     parts = [
@@ -609,8 +621,9 @@ def write_index(out_dir: Path, readable: pd.DataFrame, runs: pd.DataFrame, figur
         "<h2>Results</h2>",
         *([f"<p class='protocol'><b>Protocol.</b> {html.escape(protocol)}</p>"] if protocol else []),
         readable.to_html(index=False, border=0, na_rep="-", escape=True),
-        "<p>mean ± std over the seeds that finished without diverging; n counts finished seeds, "
-        "diverged ones included; the diverged column says how many of them diverged: "
+        "<p>mean ± std over the seeds that finished without diverging or exploding; n counts finished seeds, "
+        "diverged ones included; the diverged (and exploded) columns say how many of them diverged (NaN) or "
+        "exploded (a finite loss beyond explode_factor times its initial value, or saturated gradients): "
         "they are left out of every mean.</p>",
     ]
     shown = [f for f in figures if (out_dir / f).exists()]
@@ -632,8 +645,14 @@ def write_report(paths: list[Path | str], out_dir: Path | str | None = None, tar
     if out_dir is None:
         if len(paths) > 1:
             raise UserError("several paths given: say where the report goes with --out DIR")
-        out_dir = (paths[0].parent if paths[0].is_file() else paths[0]) / "report"
+        top = paths[0].parent if paths[0].is_file() else paths[0]
+        own = (top / "summary.json").exists() or (top / ".hydra" / "config.yaml").exists()
+        out_dir = top.parent / f"{top.name}_report" if own else top / "report"  # never inside a run's own directory
     out_dir = Path(out_dir)
+    for folder in (out_dir.absolute(), *out_dir.absolute().parents):
+        if (folder / "summary.json").exists() or (folder / ".hydra" / "config.yaml").exists():
+            raise UserError(f"{out_dir} is inside the run directory {folder}; a report never writes into a run's "
+                            f"own directory: give --out DIR elsewhere")
     from stabbench import tuning
 
     run_set = load_runs(paths)

@@ -82,6 +82,7 @@ class StageResult:
     val_loss: list | None = field(default_factory=list)  # None: no validation split
     val_acc: list | None = field(default_factory=list)
     diverged_step: list = field(default_factory=list)  # per member, -1 if it never diverged
+    exploded_step: list = field(default_factory=list)  # per member: the log step from which it stayed exploded; -1 not
     grad_norm_ratio_init: list = field(default_factory=list)
     grad_norm_ratio_final: list = field(default_factory=list)
     flops: int = 0  # per member that trained every step
@@ -113,10 +114,12 @@ class LoopState:
         self.stopped = np.full((2, E), -1)  # per member: (steps, epochs) when its divergence stopped it; -1 never
         self.first_ratio = np.full(E, np.nan)
         self.last_ratio = np.full(E, np.nan)
+        self.initial_loss = np.full(E, np.nan)  # the first log step's train loss: what "exploded" is measured against
+        self.exploded_at = np.full(E, -1)
         self.result = StageResult()
 
     TENSORS = ("loss_sum", "acc_sum", "epoch_loss_sum", "diverged_at")
-    ARRAYS = ("alive", "first_ratio", "last_ratio", "stopped")
+    ARRAYS = ("alive", "first_ratio", "last_ratio", "stopped", "initial_loss", "exploded_at")
     NUMBERS = ("step", "epoch", "batch_index", "since_log", "epoch_steps")
 
     def state_dict(self) -> dict:
@@ -131,7 +134,8 @@ class LoopState:
         for k in self.TENSORS:
             setattr(self, k, state[k].to(self.device))
         for k in self.ARRAYS:
-            setattr(self, k, state[k].numpy())
+            if k in state:  # a checkpoint of an older version lacks the newer arrays: they start afresh
+                setattr(self, k, state[k].numpy())
         self.order_states = state["order_states"]
         self.term_sums = {k: v.to(self.device) for k, v in state["term_sums"].items()}
         self.result = StageResult(**state["result"])
@@ -144,10 +148,23 @@ def matmul_weights(ensemble: Ensemble) -> int:
 
 def grad_norm_ratio(grad_norms: np.ndarray, depth: int) -> np.ndarray:
     """max/min gradient norm over the square hidden layers (2..depth), per member; the BSNN
-    paper's figure of merit. Layer 1 is left out: its shape (width x inputs) differs."""
-    square = grad_norms[:, 1:depth] if depth >= 2 else grad_norms[:, :1]
+    paper's figure of merit. Layer 1 is left out: its shape (width x inputs) differs. With
+    fewer than two square layers (depth 1 or 2) the ratio says nothing: NaN (null)."""
+    if depth < 3:
+        return np.full(len(grad_norms), np.nan)
+    square = grad_norms[:, 1:depth]
     with np.errstate(divide="ignore", invalid="ignore"):
         return square.max(1) / square.min(1)
+
+
+def exploded_now(loss: np.ndarray, initial: np.ndarray, hidden_grads: np.ndarray, factor: float) -> np.ndarray:
+    """Per member, whether training has blown up without a NaN: the train loss beyond `factor`
+    times its initial value, or saturated (every hidden layer's gradient exactly 0) with the
+    loss no lower than at the start, so nothing below the output can learn any more."""
+    with np.errstate(invalid="ignore"):
+        blown = np.abs(loss) > factor * np.abs(initial)
+        saturated = (hidden_grads == 0).all(1) & (loss >= initial) if hidden_grads.shape[1] else False
+    return np.asarray(blown | saturated)
 
 
 def forget_diverged(result: StageResult, state: LoopState) -> None:
@@ -255,7 +272,7 @@ class Run:
             "stage": stage.index, "finished": [asdict(r) for _, r in finished],
             "ensemble": ensemble.state_dict(), "guide": guide.state_dict() if guide is not None else None,
             "optimizer": optimizer.state_dict(), "loop": state.state_dict(),
-            "rng": torch.get_rng_state(), "rows": self.recorder.row_counts(),
+            "rng": torch.get_rng_state(), "rows": self.recorder.row_counts(), "digests": self.recorder.digests(),
         })
 
     def train_stage(self, stage: Stage, ensemble: Ensemble, guide: Ensemble | None, finished: list,
@@ -329,6 +346,7 @@ class Run:
         result = state.result
         result.steps, result.epochs = state.step, state.epoch
         result.diverged_step = state.diverged_at.cpu().tolist()
+        result.exploded_step = state.exploded_at.tolist()
         result.grad_norm_ratio_init, result.grad_norm_ratio_final = state.first_ratio.tolist(), state.last_ratio.tolist()
         # Training compute: forward + backward ~ 6 FLOP per weight per example; a guide adds its forward (2).
         examples = state.step * batch_size
@@ -369,7 +387,13 @@ class Run:
         ratio = grad_norm_ratio(layer_stats["grad_norm"], stage.depth)
         if step == 0:
             state.first_ratio = ratio
+            state.initial_loss = mean_loss.astype(float)
         state.last_ratio = np.where(alive & ~diverged, ratio, state.last_ratio)
+        live = alive & ~diverged
+        bad = exploded_now(mean_loss, state.initial_loss, layer_stats["grad_norm"][:, kinds == "hidden"],
+                           self.cfg.explode_factor)
+        state.exploded_at = np.where(live, np.where(bad, np.where(state.exploded_at >= 0, state.exploded_at, step), -1),
+                                     state.exploded_at)
         state.stopped[:, alive & diverged] = [[step + 1], [state.epoch + 1]]  # where a run of it alone stops
         state.alive = alive & ~diverged
         live = state.alive
@@ -416,12 +440,27 @@ def run(cfg, out_dir: Path) -> list[dict]:
     done = checkpoint.check_run_dir(out_dir, config)
     if done is not None and cfg.skip_done:
         print(f"already complete: {out_dir} (skip_done=true; skip_done=false retrains)", flush=True)
+        draw_run_figures(out_dir, missing_only=True)  # a kill after the summary, before the figures
         return done
+    # A summary stands only beside the records it summarises: a retrain (skip_done=false)
+    # removes it first, so a kill mid-retrain leaves a partial run, not a "complete" one.
+    (out_dir / "summary.json").unlink(missing_ok=True)
     run = Run(cfg, out_dir)
     resume = checkpoint.load(run.checkpoint_path) if run.checkpoint_path.is_file() else None
     if resume is not None:
-        run.recorder.reload(resume["rows"])
-        print(f"resuming {out_dir} at stage {resume['stage']}, step {resume['loop']['step']}", flush=True)
+        run.recorder.reload(resume["rows"], resume.get("digests"))
+        print(f"resuming {out_dir} at stage {resume['stage']}, step {resume['loop'].get('step')}", flush=True)
+    try:
+        return train_run(run, cfg, out_dir, resume)
+    except (KeyError, TypeError, IndexError, RuntimeError) as error:
+        if resume is None or isinstance(error, torch.OutOfMemoryError):
+            raise
+        raise UserError(f"{run.checkpoint_path} does not fit this run ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:120] if str(error) else ''}); delete it to start the run afresh") from None
+
+
+def train_run(run: "Run", cfg, out_dir: Path, resume: dict | None) -> list[dict]:
+    """Every stage of the run, from `resume` if given; then its summary and figures."""
     stages = run.method.stages(cfg.depth, cfg.epochs)
     finished: list[tuple[Stage, StageResult]] = []
     guide = None
@@ -448,14 +487,24 @@ def run(cfg, out_dir: Path) -> list[dict]:
     write_json(out_dir / "summary.json", summaries[0] if len(summaries) == 1 else
                {"schema_version": stabbench.SCHEMA_VERSION, "seeds": summaries})
     run.checkpoint_path.unlink(missing_ok=True)  # the run is complete: the summary is what counts now
+    draw_run_figures(out_dir)
+    print_summary(summaries, out_dir)
+    return summaries
+
+
+RUN_FIGURES = ("grad_norm_per_layer.png", "loss_curve.png")
+
+
+def draw_run_figures(out_dir: Path, missing_only: bool = False) -> None:
+    """The run's own figures; `missing_only`: only if one of them is missing."""
+    if missing_only and all((out_dir / name).is_file() for name in RUN_FIGURES):
+        return
     try:
         from stabbench.report import write_run_figures
 
-        write_run_figures(out_dir)  # grad_norm_per_layer.png, loss_curve.png
+        write_run_figures(out_dir)
     except Exception as error:  # noqa: BLE001 - the run's data is saved; a figure must not turn it into a failure
         print(f"stabbench: warning: no figures for {out_dir} ({type(error).__name__}: {error})", flush=True)
-    print_summary(summaries, out_dir)
-    return summaries
 
 
 def member_extent(result: StageResult, k: int) -> tuple[int, int, int]:
@@ -464,6 +513,11 @@ def member_extent(result: StageResult, k: int) -> tuple[int, int, int]:
         return result.steps, result.epochs, result.flops
     steps = result.member_steps[k]
     return steps, result.member_epochs[k], result.flops * steps // max(result.steps, 1)
+
+
+def exploded_step(result: StageResult, k: int) -> int | None:
+    step = result.exploded_step[k] if result.exploded_step else -1
+    return int(step) if step >= 0 and result.diverged_step[k] < 0 else None
 
 
 def summarize(run: Run, finished: list[tuple[Stage, StageResult]]) -> list[dict]:
@@ -482,6 +536,9 @@ def summarize(run: Run, finished: list[tuple[Stage, StageResult]]) -> list[dict]
             "val_acc": None if final.val_acc is None else final.val_acc[k],
             "diverged": final.diverged_step[k] >= 0,
             "diverged_step": final.diverged_step[k] if final.diverged_step[k] >= 0 else None,
+            # exploded: finite but blown up (explode_factor) or saturated at the end; reported like divergence
+            "exploded": exploded_step(final, k) is not None,
+            "exploded_step": exploded_step(final, k),
             "grad_norm_ratio_init": final.grad_norm_ratio_init[k],
             "grad_norm_ratio_final": final.grad_norm_ratio_final[k],
             "total_steps": sum(steps for steps, _, _ in extents),

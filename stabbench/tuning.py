@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 CELL = ["method", "dataset", "depth", "width"]
-SELECTION_COLUMNS = CELL + ["lr", "seed", "status", "diverged", "val_acc", "val_loss"]
+SELECTION_COLUMNS = CELL + ["lr", "seed", "status", "diverged", "exploded", "val_acc", "val_loss"]
 
 
 @dataclass
@@ -53,6 +53,8 @@ def tuned_cells(runs: pd.DataFrame) -> bool:
 def select(runs: pd.DataFrame) -> Selection:
     """The chosen lr of every cell of `runs` (one row per seed, the report's runs frame)."""
     runs = runs[[c for c in SELECTION_COLUMNS if c in runs]].copy()
+    if "exploded" not in runs:
+        runs["exploded"] = False
     for column in ("val_acc", "val_loss"):
         runs[column] = pd.to_numeric(runs[column], errors="coerce") if column in runs else np.nan
     finished = runs[runs["status"] != "partial"]
@@ -60,8 +62,9 @@ def select(runs: pd.DataFrame) -> Selection:
     for key, cell in finished.groupby(CELL, dropna=False, sort=True):
         accuracy = cell["val_acc"].notna().any()
         value = cell["val_acc" if accuracy else "val_loss"].astype(float)
-        healthy = ~cell["diverged"].astype(bool) & np.isfinite(value)
-        if not healthy.any() and not cell["diverged"].all():
+        failed = cell["diverged"].astype(bool) | cell["exploded"].astype(bool)  # an exploded seed is not trained either
+        healthy = ~failed & np.isfinite(value)
+        if not healthy.any() and not failed.all():
             raise NoValidation(f"{key[0]} at depth {key[2]}, width {key[3]} has no validation scores")
         # Higher is better from here on: a loss is negated. The worst possible: accuracy 0, loss +inf.
         score = np.where(healthy, value if accuracy else -value, 0.0 if accuracy else -np.inf)
@@ -96,6 +99,7 @@ def run_score(summaries: list[dict]) -> float | None:
     chosen as above; None without a validation split."""
     runs = pd.DataFrame([{"method": s["method"], "dataset": s["dataset"], "depth": s["depth"], "width": s["width"],
                           "lr": s["lr"], "seed": s["seed"], "status": "complete", "diverged": s["diverged"],
+                          "exploded": bool(s.get("exploded")),
                           "val_acc": s.get("val_acc"), "val_loss": s.get("val_loss")} for s in summaries])
     try:
         cells = select(runs).cells

@@ -440,7 +440,7 @@ def test_diverging_run_ends_as_diverged_in_summary_and_report(cli, tmp_path):
     assert not (tmp_path / "run" / checkpoint.FILENAME).exists()
     code, out, err = cli("report", str(tmp_path / "run"))
     assert code == 0, err
-    runs = pd.read_csv(tmp_path / "run" / "report" / "runs.csv")
+    runs = pd.read_csv(tmp_path / "run_report" / "runs.csv")
     assert runs["status"].tolist() == ["diverged"] and runs["diverged"].tolist() == [True]
-    table = pd.read_csv(tmp_path / "run" / "report" / "table.csv")
+    table = pd.read_csv(tmp_path / "run_report" / "table.csv")
     assert table["diverged"].tolist() == [1]

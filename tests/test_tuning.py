@@ -134,7 +134,7 @@ def test_done_when_a_grid_run_and_its_report(cli, tmp_path):
         assert set(zip(rows.lr, rows.seed)) == {(lr, seed) for lr in (1e-4, 1e-3, 1e-2) for seed in (0, 1)}, name
     code, out, err = cli("report", "run")
     assert code == 0, err
-    table = pd.read_csv(tmp_path / "run" / "report" / "table.csv")
+    table = pd.read_csv(tmp_path / "run_report" / "table.csv")
     best = max((np.mean([s["val_acc"] for s in summary if s["lr"] == lr]), lr) for lr in (1e-4, 1e-3, 1e-2))[1]
     assert table["lr"].tolist() == [best]
     test_acc = np.mean([s["test_acc"] for s in summary if s["lr"] == best])
