@@ -3,6 +3,7 @@ batches), through the same code path as the real files; plus the shared preparat
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -139,3 +140,40 @@ def test_fashion_mnist_reaches_84_percent(cli, tmp_path):
     assert code == 0, err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["test_acc"] >= 0.84, summary["test_acc"]
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a crafted data folder would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_cifar10_batch_does_not_run_its_payload(tmp_path):
+    write_cifar(tmp_path / "cifar-10-batches-py")
+    marker = tmp_path / "payload-ran"
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+        pickle.dump({"data": Payload(marker), "labels": [0]}, f)
+    with pytest.raises(UserError) as error:
+        datasets.load(compose("dataset=cifar10", f"dataset.root={tmp_path}").dataset, CPU)
+    assert not marker.exists()
+    assert "data_batch_2" in str(error.value) and "refused to load" in str(error.value)
+    assert "system" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_gzip_that_inflates_past_its_header_is_refused_without_reading_it_all(tmp_path):
+    import gzip
+
+    header = bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big")  # declares 10 bytes of labels
+    bomb = tmp_path / "train-labels-idx1-ubyte.gz"
+    with gzip.open(bomb, "wb") as f:
+        f.write(header)
+        for _ in range(64):
+            f.write(bytes(2 ** 20))  # 64 MiB of zeros after the 10 declared bytes
+    from stabbench.datasets.idx import read_idx
+
+    with pytest.raises(UserError, match="wrong length more than 18 bytes"):
+        read_idx(bomb)

@@ -2,7 +2,10 @@
 (root/cifar-10-batches-py/data_batch_1..5, test_batch), flattened for the MLP.
 
 torchvision downloads the archive; its CIFAR10 class also checks the files' md5 sums,
-which would refuse every file but the originals, so the batches are parsed here."""
+which would refuse every file but the originals, so the batches are parsed here. They are
+pickles, and a pickle can name any callable to run; `SafeUnpickler` admits only what a real
+batch holds (numpy's array reconstruction, dtypes), so a crafted data folder cannot run
+code."""
 from __future__ import annotations
 
 import pickle
@@ -28,10 +31,29 @@ class Config(DatasetConfig):
     root: Optional[str] = "data"
 
 
+MAX_BATCH_BYTES = 2 ** 28  # a real batch is 31 MB
+ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds only numpy arrays")
+        return super().find_class(module, name)
+
+
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
+        if path.stat().st_size > MAX_BATCH_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes, more than the {MAX_BATCH_BYTES} a batch can have")
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = SafeUnpickler(f, encoding="latin1").load()
+        if not isinstance(entry, dict):
+            raise TypeError(f"a {type(entry).__name__}, not a dict")
         images = np.asarray(entry["data"], dtype=np.uint8)
         labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
     except Exception as error:

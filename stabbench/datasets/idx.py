@@ -7,6 +7,7 @@ Downloading stays torchvision's (`torchvision.datasets.MNIST(download=True)`).
 from __future__ import annotations
 
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,6 +23,7 @@ SPLITS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+MAX_IDX_BYTES = 2 ** 31  # 40x the largest real file (MNIST's 47 MB train images)
 MNIST_DIMENSIONS = Dimensions(28 * 28, 10, 60_000, 10_000)  # MNIST and Fashion-MNIST alike
 
 
@@ -31,19 +33,32 @@ class Config(DatasetConfig):
 
 
 def read_idx(path: Path) -> np.ndarray:
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in DTYPES or not 1 <= raw[3] <= 4:
-        raise UserError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise UserError(f"{path}: truncated IDX header")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(DTYPES[raw[2]])
-    expected = header + int(np.prod(shape)) * dtype.itemsize
-    if len(raw) != expected:
-        raise UserError(f"{path}: wrong length {len(raw)} bytes, expected {expected} for shape {shape}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    """Reads the header first and then exactly the bytes it declares, so that a crafted .gz
+    (a small file that inflates without bound) is refused instead of filling the memory."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            magic = f.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in DTYPES or not 1 <= magic[3] <= 4:
+                raise UserError(f"{path}: not an IDX file (bad magic number {magic.hex() or 'empty'})")
+            ndim = magic[3]
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise UserError(f"{path}: truncated IDX header")
+            shape = tuple(int.from_bytes(dims[4 * i: 4 * i + 4], "big") for i in range(ndim))
+            dtype = np.dtype(DTYPES[magic[2]])
+            header = 4 + 4 * ndim
+            expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if expected - header > MAX_IDX_BYTES:
+                raise UserError(f"{path}: header declares {expected - header} bytes of data, "
+                                f"more than the {MAX_IDX_BYTES} allowed for one IDX file")
+            body = f.read(expected - header + 1)
+    except (OSError, EOFError, zlib.error) as error:
+        raise UserError(f"{path}: unreadable ({type(error).__name__}: {error})") from None
+    if header + len(body) != expected:
+        actual = f"{header + len(body)}" if len(body) <= expected - header else f"more than {expected}"
+        raise UserError(f"{path}: wrong length {actual} bytes, expected {expected} for shape {shape}")
+    return np.frombuffer(body, dtype=dtype).reshape(shape)
 
 
 def find(folders: list[Path], stem: str) -> Optional[Path]:
