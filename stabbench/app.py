@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from stabbench import locks
-from stabbench.errors import UserError
+from stabbench.errors import UNWRITABLE, UserError
 
 CONFIG_MODULE = "stabbench.conf"
 GROUPS = ("method", "dataset", "optimizer", "experiment")
@@ -28,9 +28,6 @@ def fail(message: str, status: int = 2) -> None:
 
 
 # The errors of a full disk, a quota or a read-only file system: the environment's, not the input's.
-UNWRITABLE = {28: "no space left on device", 122: "disk quota exceeded", 30: "read-only file system"}
-
-
 def unwritable_message(error: OSError, out_dir: Path) -> str:
     where = f" ({error.filename})" if getattr(error, "filename", None) else ""
     return (f"cannot write into {out_dir}: {UNWRITABLE[error.errno]}{where}; every file already there is whole "

@@ -132,6 +132,27 @@ SUMMARY_LIMIT = 64 * 2 ** 20  # bytes; a run's summary is kilobytes, even for a 
 RECORDS = ("metrics.csv", "layers.csv")
 
 
+class UnreadableSummary(ValueError):
+    """summary.json cannot be read, or is not of the shape a run writes: the reason."""
+
+
+def load_summaries(path: Path) -> list[dict]:
+    """The per-seed entries of a summary.json, each a dict with its config; UnreadableSummary
+    (the reason, one phrase) for a file too large, not JSON, or of another shape."""
+    try:
+        if path.stat().st_size > SUMMARY_LIMIT:
+            raise ValueError(f"larger than {SUMMARY_LIMIT // 2 ** 20} MB")
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as error:
+        raise UnreadableSummary(f"unreadable ({type(error).__name__}: {str(error)[:80]})") from None
+    entries = data.get("seeds") if isinstance(data, dict) and "seeds" in data else [data]
+    if (not isinstance(entries, list) or not entries
+            or not all(isinstance(e, dict) and isinstance(e.get("config"), dict) for e in entries)):
+        raise UnreadableSummary("not a stabbench summary (expected an object with its config, or "
+                                "{\"seeds\": [...]} of such objects)")
+    return entries
+
+
 def read_summaries(out_dir: Path) -> list[dict] | None:
     """The per-seed summaries of a complete run in out_dir; None if it has no summary.json.
     A summary that cannot be read, or is not of the shape a run writes, is a UserError naming
@@ -139,19 +160,11 @@ def read_summaries(out_dir: Path) -> list[dict] | None:
     path = Path(out_dir) / "summary.json"
     if not path.exists():
         return None
-    fix = f"delete it (or the run directory) to run there again, or choose another hydra.run.dir"
     try:
-        if path.stat().st_size > SUMMARY_LIMIT:
-            raise ValueError(f"larger than {SUMMARY_LIMIT // 2 ** 20} MB")
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError) as error:
-        raise UserError(f"{path} is unreadable ({type(error).__name__}: {str(error)[:80]}); {fix}") from None
-    entries = data.get("seeds") if isinstance(data, dict) and "seeds" in data else [data]
-    if (not isinstance(entries, list) or not entries
-            or not all(isinstance(e, dict) and isinstance(e.get("config"), dict) for e in entries)):
-        raise UserError(f"{path} is not a stabbench summary (expected an object with its config, or "
-                        f"{{\"seeds\": [...]}} of such objects); {fix}")
-    return entries
+        return load_summaries(path)
+    except UnreadableSummary as reason:
+        raise UserError(f"{path} is {reason}; delete it (or the run directory) to run there again, "
+                        f"or choose another hydra.run.dir") from None
 
 
 def saved_task_config(out_dir: Path) -> dict | None:

@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+# A run's status: these three have a summary.json; "partial" (no summary yet) and "unreadable"
+# (a summary that cannot be read) are counted in the report but never averaged.
+FINISHED = ("complete", "diverged", "exploded")
 METRICS_COLUMNS = ["step", "epoch", "stage", "seed", "lr", "split", "loss", "acc", "time_s"]
 LAYER_COLUMNS = ["step", "epoch", "stage", "seed", "lr", "layer", "kind", "grad_norm", "weight_norm", "act_mean", "act_std"]
 

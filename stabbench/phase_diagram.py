@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stabbench.outputs import FINISHED
+
 FIGURE = "phase_diagram.png"
 CAPTION = ("Training accuracy over (sigma_w^2, depth) with the mean-field depth scale 6 xi_c (white line) "
            "and the critical sigma_w^2 (dashed) of Schoenholz et al. 2017")
@@ -26,7 +28,7 @@ CURVE_POINTS = 60
 
 
 def _runs_with_scores(run_set) -> pd.DataFrame:
-    runs = run_set.runs[run_set.runs["status"] != "partial"].copy()
+    runs = run_set.runs[run_set.runs["status"].isin(FINISHED)].copy()
     config = run_set.config.loc[runs.index]
     if "method.weight_var" not in config or config["method.weight_var"].notna().sum() == 0:
         return pd.DataFrame()

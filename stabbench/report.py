@@ -1,8 +1,12 @@
 """`stabbench report PATH... [--out DIR] [--target-loss X]`: tables and figures from any
 runs and sweeps found under the given directories.
 
-A run is a directory holding `summary.json` (finished: complete or diverged) or a `.hydra/`
-folder without one (partial: still running, crashed or killed). Each run gives one row per
+A run is a directory holding `summary.json` (finished: complete, diverged or exploded) or a
+`.hydra/` folder without one (partial: still running, crashed or killed). A summary or CSV
+that cannot be read, or holds what a run never writes (text in a numeric column, a missing
+column), is named in one warning line; its run is shown as `unreadable` (a bad summary) or
+drawn without that file's curves, and every other run is reported as usual. Nothing read back
+is executed or expanded: configs are read unresolved, so `${oc.env:...}` stays text. Each run gives one row per
 seed; a learning-rate grid (`lrs=[...]`) is read as one run per lr, so its members and those
 of separate `-m lr=...` runs look alike. Where a cell was trained at several learning rates
 the report is tuned (tuning.py): each cell shows its lr chosen on the validation split. Config values that differ between runs name the groups: the method label is the
@@ -19,7 +23,9 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +34,21 @@ import numpy as np
 import pandas as pd
 
 from stabbench import phase_diagram
-from stabbench.errors import UserError
-from stabbench.outputs import atomic_write_text, write_csv
+from stabbench.errors import UNWRITABLE, UserError
+from stabbench.outputs import FINISHED, LAYER_COLUMNS, METRICS_COLUMNS, atomic_write_text, write_csv
 
 SUMMARY_FIELDS = ["schema_version", "method", "dataset", "depth", "width", "seed", "lr", "steps", "epochs",
                   "train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "diverged", "diverged_step", "exploded",
                   "exploded_step", "grad_norm_ratio_init",
                   "grad_norm_ratio_final", "total_steps", "total_flops", "wall_time_s", "device"]
+# What each summary field must be, so that a hand-edited or damaged summary is caught here,
+# named, and not averaged as text.
+TEXT_FIELDS = {"method", "dataset", "device", "status"}
+FLAG_FIELDS = {"diverged", "exploded"}
+NUMBER_FIELDS = set(SUMMARY_FIELDS) - TEXT_FIELDS - FLAG_FIELDS
+# The columns without which a CSV gives no curve; every other known column must be numeric.
+CSV_REQUIRED = {"metrics.csv": ("step", "seed", "split", "loss"), "layers.csv": ("step", "seed", "layer")}
+CSV_TEXT = {"split", "kind"}
 GROUP_KEYS = ["method", "dataset", "depth", "width"]
 AGGREGATED = ["train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "grad_norm_ratio_init",
               "grad_norm_ratio_final"]
@@ -46,6 +60,7 @@ OTHER_APPS = {"probe.json", "bench.json"}  # outputs of `stabbench probe` / `ben
 MAX_CELLS = 6  # (dataset, depth, width) cells drawn in the per-layer and loss figures: the deepest
 MAX_MEMBERS = 16  # seeds per method and cell read for a band
 
+REPORT_FILES = {"runs.csv", "table.csv", "table.md", "tuning.csv", "index.html", phase_diagram.TABLE}
 FIGURES = [  # file, caption (index.html)
     ("grad_norm_per_layer.png", "Gradient norm per layer at initialisation and at the end of training "
                                 "(line: geometric mean over seeds, band: min to max)"),
@@ -78,33 +93,68 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
     return sorted(dict.fromkeys(p.resolve() for p in found))  # a run given twice (or via a link) counts once
 
 
-def _read_summary(run_dir: Path) -> list[dict] | None:
+def _read_summary(run_dir: Path) -> tuple[list[dict] | None, str | None]:
+    """(the summary's entries, None), or (None, why it is unreadable)."""
+    from stabbench.checkpoint import UnreadableSummary, load_summaries
+
     try:
-        data = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None  # vanished or unreadable: reported as partial
-    entries = data["seeds"] if isinstance(data, dict) and "seeds" in data else [data]
-    return [e for e in entries if isinstance(e, dict)] or None
+        entries = load_summaries(run_dir / "summary.json")
+    except UnreadableSummary as reason:
+        return None, str(reason)
+    for entry in entries:
+        for key, value in entry.items():
+            wrong = (key in NUMBER_FIELDS and not (value is None or _is_number(value))
+                     or key in FLAG_FIELDS and not (value is None or isinstance(value, bool))
+                     or key in TEXT_FIELDS and not (value is None or isinstance(value, str)))
+            if wrong:
+                return None, f"its {key} is {str(value)[:40]!r}, not a {_kind(key)}"
+    return entries, None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind(key: str) -> str:
+    return "number" if key in NUMBER_FIELDS else "true/false" if key in FLAG_FIELDS else "text"
 
 
 def _read_hydra_config(run_dir: Path) -> dict:
-    from omegaconf import OmegaConf
+    """The run's config as Hydra recorded it, unresolved: an interpolation is kept as its text
+    (`${oc.env:SECRET}` must never put the variable's value into a report)."""
+    from stabbench.checkpoint import saved_task_config
 
-    try:
-        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    except Exception:  # noqa: BLE001 - a half-made run dir: report it with what it has
-        return {}
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # noqa: BLE001 - an interpolation that only resolves inside Hydra
-        return OmegaConf.to_container(cfg, resolve=False)
+    return saved_task_config(run_dir) or {}
 
 
-def _read_csv(path: Path, columns=None) -> pd.DataFrame | None:
+def _read_csv(path: Path, columns=None, problems: list | None = None) -> pd.DataFrame | None:
+    """A run's metrics.csv or layers.csv (only `columns`, if given), its known numeric columns
+    numeric; None if absent or empty, or (with a line in `problems`) if it is not such a file."""
+    def unreadable(reason: str) -> None:
+        if problems is not None:
+            problems.append(f"{path}: {reason}; its curves are left out")
+
     try:
-        return pd.read_csv(path, usecols=(lambda c: c in columns) if columns else None)
-    except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError):
+        frame = pd.read_csv(path, usecols=(lambda c: c in columns) if columns else None, low_memory=False)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
         return None
+    except (OSError, ValueError, pd.errors.ParserError) as error:  # UnicodeDecodeError: binary bytes
+        unreadable(f"unreadable ({type(error).__name__}: {str(error).splitlines()[0][:80] if str(error) else ''})")
+        return None
+    missing = [c for c in CSV_REQUIRED.get(path.name, ()) if c not in frame and (columns is None or c in columns)]
+    if missing:
+        unreadable(f"no {', '.join(missing)} column")
+        return None
+    for column in frame.columns:
+        if column in CSV_TEXT or column not in set(METRICS_COLUMNS) | set(LAYER_COLUMNS) | {"beta"}:
+            continue
+        numbers = pd.to_numeric(frame[column], errors="coerce")
+        bad = numbers.isna() & frame[column].notna()
+        if bad.any():
+            unreadable(f"column {column} holds {str(frame[column][bad].iloc[0])[:20]!r}, not a number")
+            return None
+        frame[column] = numbers
+    return frame
 
 
 def _flatten_config(configs: list[dict]) -> pd.DataFrame:
@@ -150,6 +200,7 @@ class RunSet:
     varying: list[str] = field(default_factory=list)  # config keys that differ between runs
     member_lr: dict = field(default_factory=dict)
     tuned: bool = False  # some cell was trained at several lrs and has validation scores: lr is not a label
+    problems: list = field(default_factory=list)  # one line per file that could not be read
     _metrics: dict = field(default_factory=dict, repr=False)
 
     def _own_rows(self, run_id, frame: pd.DataFrame | None) -> pd.DataFrame | None:
@@ -163,7 +214,7 @@ class RunSet:
         """metrics.csv rows of the given runs, with `run_id` and `gstep` (step counted across stages)."""
         wanted = [r for r in dict.fromkeys(run_ids) if r not in self._metrics]
         for run_id in wanted:
-            frame = self._own_rows(run_id, _read_csv(self.dirs[run_id] / "metrics.csv"))
+            frame = self._own_rows(run_id, _read_csv(self.dirs[run_id] / "metrics.csv", problems=self.problems))
             self._metrics[run_id] = None if frame is None or frame.empty else frame.assign(run_id=run_id)
         frames = [self._metrics[r] for r in dict.fromkeys(run_ids) if self._metrics.get(r) is not None]
         if not frames:
@@ -175,7 +226,8 @@ class RunSet:
         wanted = {"step", "stage", "seed", "layer", *columns}
         frames = []
         for run_id in dict.fromkeys(run_ids):
-            frame = self._own_rows(run_id, _read_csv(self.dirs[run_id] / "layers.csv", wanted | {"lr"}))
+            frame = self._own_rows(run_id, _read_csv(self.dirs[run_id] / "layers.csv", wanted | {"lr"},
+                                                     self.problems))
             if frame is not None and not frame.empty:
                 frames.append(frame.drop(columns="lr", errors="ignore").assign(run_id=run_id))
         if not frames:
@@ -221,15 +273,16 @@ def _member_lr(entry: dict, config: dict):
 def read_runs(dirs: list[Path], root: Path) -> RunSet:
     """The runs in `dirs` (each a run directory), named relative to `root`; a grid's directory
     gives one run per lr (run ids index `run_dirs`, which repeats such a directory)."""
-    records, configs, run_dirs, member_lr = [], [], [], {}
+    records, configs, run_dirs, member_lr, problems = [], [], [], {}, []
     for run_dir in dirs:
-        entries = _read_summary(run_dir) if (run_dir / "summary.json").exists() else None
+        entries, status = None, "partial"
+        if (run_dir / "summary.json").exists():
+            entries, reason = _read_summary(run_dir)
+            if entries is None:
+                problems.append(f"{run_dir / 'summary.json'} is {reason}; the run is shown as unreadable")
+                status = "unreadable"
         if entries is None:
-            config = _read_hydra_config(run_dir)
-            first = int(config.get("seed", 0) or 0)
-            grid = config.get("lrs") if isinstance(config.get("lrs"), list) and config.get("lrs") else [config.get("lr")]
-            entries = [{"seed": seed, "lr": lr, "status": "partial", "config": config}
-                       for lr in grid for seed in range(first, first + int(config.get("seeds", 1) or 1))]
+            entries = _entries_from_config(_read_hydra_config(run_dir), status)
         by_lr: dict = {}
         for entry in entries:
             by_lr.setdefault(_member_lr(entry, entry.get("config") or {}), []).append(entry)
@@ -268,11 +321,24 @@ def read_runs(dirs: list[Path], root: Path) -> RunSet:
     runs["diverged"] = runs["diverged"].astype("boolean").fillna(False).astype(bool)
     runs["exploded"] = runs["exploded"].astype("boolean").fillna(False).astype(bool)  # older summaries: none
 
-    run_set = RunSet(root=root, dirs=dirs, runs=runs, config=config, member_lr=member_lr)
+    run_set = RunSet(root=root, dirs=dirs, runs=runs, config=config, member_lr=member_lr, problems=problems)
     _fill_partial(run_set)
     _add_labels(run_set)
     runs["run"] = [os.path.relpath(dirs[i].resolve(), root) for i in runs["run_id"]]
     return run_set
+
+
+def _entries_from_config(config: dict, status: str) -> list[dict]:
+    """A run without a (readable) summary: one entry per member its config asks for."""
+    def integer(value, default: int) -> int:
+        return int(value) if _is_number(value) and math.isfinite(value) else default
+
+    first = integer(config.get("seed"), 0)
+    lrs = config.get("lrs")
+    grid = [lr if _is_number(lr) else None for lr in lrs] if isinstance(lrs, list) and lrs else [config.get("lr")]
+    seeds = min(max(integer(config.get("seeds"), 1), 1), 10_000)
+    return [{"seed": seed, "lr": lr, "status": status, "config": config}
+            for lr in grid for seed in range(first, first + seeds)]
 
 
 def _fill_partial(run_set: RunSet) -> None:
@@ -377,13 +443,15 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     (std with ddof=1, NaN for a single seed); diverged seeds counted (`diverged`) and left
     out of every mean; partial seeds counted only. `n` counts finished seeds, diverged included."""
     runs = without_diverged(runs)
-    runs["finished"] = runs["status"] != "partial"
+    runs["finished"] = runs["status"].isin(FINISHED)
+    runs["partial"] = runs["status"] == "partial"
+    runs["unreadable"] = runs["status"] == "unreadable"
     finished = runs[runs["finished"]]
     groups = runs.groupby(GROUP_KEYS, dropna=False, sort=True)
     if "exploded" not in runs:
         runs["exploded"] = False
     table = groups.agg(n=("finished", "sum"), diverged=("diverged", "sum"), exploded=("exploded", "sum"),
-                       partial=("finished", lambda s: int((~s).sum())))
+                       partial=("partial", "sum"), unreadable=("unreadable", "sum"))
     values = [c for c in AGGREGATED if c in runs]
     stats = finished.groupby(GROUP_KEYS, dropna=False)[values].agg(["mean", "std"])
     stats.columns = [f"{c}_{s}" for c, s in stats.columns]
@@ -393,7 +461,8 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
             steps_to_target_mean="mean", steps_to_target_std="std", reached_target="count")
         table = table.join(target)
     table = table.reset_index()
-    table[["n", "diverged", "exploded", "partial"]] = table[["n", "diverged", "exploded", "partial"]].astype(int)
+    counts = ["n", "diverged", "exploded", "partial", "unreadable"]
+    table[counts] = table[counts].astype(int)
     return table
 
 
@@ -429,8 +498,9 @@ def readable_table(table: pd.DataFrame) -> pd.DataFrame:
     out["diverged"] = table["diverged"].astype(str)
     if table["exploded"].any():
         out["exploded"] = table["exploded"].astype(str)
-    if table["partial"].any():
-        out["partial"] = table["partial"].astype(str)
+    for count in ("partial", "unreadable"):
+        if table[count].any():
+            out[count] = table[count].astype(str)
     names = {"train_loss": "train loss", "val_acc": "val acc", "test_loss": "test loss", "test_acc": "test acc",
              "grad_norm_ratio_init": "grad ratio init", "grad_norm_ratio_final": "grad ratio final",
              "steps_to_target": "steps to target"}
@@ -465,7 +535,7 @@ def print_table(table: pd.DataFrame, title: str) -> None:
     rich_table = Table(title=title, title_justify="left")
     keys = ["method"] + (["dataset"] if table["dataset"].nunique() > 1 else []) + ["depth", "width"]
     keys += ["lr"] if "lr" in table else []
-    counts = ["n", "diverged"] + [c for c in ("exploded", "partial") if table[c].any()]
+    counts = ["n", "diverged"] + [c for c in ("exploded", "partial", "unreadable") if table[c].any()]
     for column in keys + counts + list(figures.values()):
         text = column in ("method", "dataset")
         rich_table.add_column(column, justify="left" if text else "right", overflow="fold",
@@ -554,7 +624,7 @@ def write_figures(run_set: RunSet, out_dir: Path, runs: pd.DataFrame | None = No
     metrics = metrics.merge(members[["run_id", "seed", "method", "cell"]], on=["run_id", "seed"])
     keep("loss_curves.png", plots.loss_curves(metrics, colors, order, out_dir / "loss_curves.png"))
 
-    finished = without_diverged(runs[runs["status"] != "partial"])
+    finished = without_diverged(runs[runs["status"].isin(FINISHED)])
     keep("trainability_map.png", plots.trainability_map(
         finished, out_dir / "trainability_map.png", None if selection is None else selection.cells))
     if selection is not None:
@@ -604,7 +674,7 @@ def write_index(out_dir: Path, readable: pd.DataFrame, runs: pd.DataFrame, figur
     import html
 
     counts = runs["status"].value_counts()
-    status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("complete", "diverged", "exploded", "partial")
+    status = ", ".join(f"{counts.get(s, 0)} {s}" for s in (*FINISHED, "partial", "unreadable")
                        if counts.get(s, 0))
     files = [name for name in ("table.csv", "table.md", "runs.csv", "tuning.csv") if (out_dir / name).exists()]
     captions = dict(FIGURES)
@@ -653,10 +723,10 @@ def write_report(paths: list[Path | str], out_dir: Path | str | None = None, tar
         if (folder / "summary.json").exists() or (folder / ".hydra" / "config.yaml").exists():
             raise UserError(f"{out_dir} is inside the run directory {folder}; a report never writes into a run's "
                             f"own directory: give --out DIR elsewhere")
+    check_replaceable(out_dir)
     from stabbench import tuning
 
     run_set = load_runs(paths)
-    out_dir.mkdir(parents=True, exist_ok=True)
     runs = runs_table(run_set, target_loss)
     selection = tuning.select(run_set.runs) if run_set.tuned else None
     chosen = slice(None) if selection is None else selection.chosen.to_numpy()
@@ -664,23 +734,73 @@ def write_report(paths: list[Path | str], out_dir: Path | str | None = None, tar
     if selection is not None:
         runs = runs.assign(chosen=selection.chosen)
         table = with_selection(table, selection)
-        write_csv(out_dir / "tuning.csv", selection.per_lr)
-    else:
-        (out_dir / "tuning.csv").unlink(missing_ok=True)  # an earlier report's, now stale
     readable = readable_table(table)
-    write_csv(out_dir / "runs.csv", runs)
-    write_csv(out_dir / "table.csv", table)
     title = f"stabbench report: {', '.join(str(p) for p in paths)}"
-    atomic_write_text(out_dir / "table.md", markdown(readable))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bands of diverged seeds
-        figures = write_figures(run_set, out_dir, run_set.runs[chosen], selection)
-    write_index(out_dir, readable, runs, figures, title, None if selection is None else selection.protocol())
+    # Written into a fresh sibling folder, then swapped in: a reader (or a kill, or a full
+    # disk) never meets a report half old and half new.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())
+        if selection is not None:
+            write_csv(staging / "tuning.csv", selection.per_lr)
+        write_csv(staging / "runs.csv", runs)
+        write_csv(staging / "table.csv", table)
+        atomic_write_text(staging / "table.md", markdown(readable))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bands of diverged seeds
+            figures = write_figures(run_set, staging, run_set.runs[chosen], selection)
+        write_index(staging, readable, runs, figures, title, None if selection is None else selection.protocol())
+        swap_in(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for problem in dict.fromkeys(run_set.problems):
+        print(f"stabbench: warning: {problem}", file=sys.stderr)
     if not quiet:
         print_table(table, f"{len(runs)} seeds in {len(set(run_set.dirs))} runs (mean, ± std over seeds)"
                     + ("; tuned: each cell at its lr chosen on the validation split" if selection is not None else ""))
         print(f"wrote {out_dir}", flush=True)
     return out_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def is_report_file(path: Path) -> bool:
+    """A file a report writes (its tables, index and figures): what replacing a report may delete."""
+    return path.is_file() and (path.name in REPORT_FILES or path.suffix == ".png")
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """A report replaces its directory whole; it refuses one holding anything else."""
+    if out_dir.is_dir():
+        foreign = sorted(p.name for p in out_dir.iterdir() if not is_report_file(p))
+        if foreign:
+            raise UserError(f"{out_dir} holds {foreign[0]}, which is not part of a report, and a report replaces "
+                            f"its whole directory: give --out a new or report directory")
+    elif out_dir.exists():
+        raise UserError(f"{out_dir} is a file; give --out a directory")
+
+
+def swap_in(staging: Path, out_dir: Path) -> None:
+    """Puts the finished report at out_dir: two renames, the old report removed after."""
+    check_replaceable(out_dir)  # again: someone may have written there while this report was made
+    retired = None
+    if out_dir.exists():
+        retired = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+        os.replace(out_dir, retired / "report")
+    try:
+        os.rename(staging, out_dir)
+    except OSError:
+        if retired is not None and not out_dir.exists():
+            os.rename(retired / "report", out_dir)  # put the old one back: never no report at all
+        raise UserError(f"{out_dir} was written by another report at the same time; run this one again") from None
+    finally:
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
 
 
 def _finite_float(text: str) -> float:
@@ -714,4 +834,10 @@ def main(argv: list[str]) -> int:
     except UserError as error:
         print(f"stabbench: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno not in UNWRITABLE:
+            raise
+        print(f"stabbench: error: cannot write the report: {UNWRITABLE[error.errno]}; nothing was changed "
+              f"(an earlier report there is whole): make room and type the same command again", file=sys.stderr)
+        return 1
     return 0

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from stabbench.outputs import FINISHED
+
 CELL = ["method", "dataset", "depth", "width"]
 SELECTION_COLUMNS = CELL + ["lr", "seed", "status", "diverged", "exploded", "val_acc", "val_loss"]
 
@@ -57,7 +59,7 @@ def select(runs: pd.DataFrame) -> Selection:
         runs["exploded"] = False
     for column in ("val_acc", "val_loss"):
         runs[column] = pd.to_numeric(runs[column], errors="coerce") if column in runs else np.nan
-    finished = runs[runs["status"] != "partial"]
+    finished = runs[runs["status"].isin(FINISHED)]
     cells, per_lr = [], []
     for key, cell in finished.groupby(CELL, dropna=False, sort=True):
         accuracy = cell["val_acc"].notna().any()
