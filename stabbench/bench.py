@@ -40,7 +40,7 @@ from stabbench.checkpoint import Preemption
 from stabbench.errors import UserError
 from stabbench.methods.base import Shape, Stage
 from stabbench.outputs import write_json
-from stabbench.progress import console
+from stabbench.progress import print_rich_table
 
 
 def sync(device: torch.device) -> None:
@@ -290,7 +290,7 @@ def run(cfg, out_dir: Path) -> dict:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     table.add_row(fmt(result["reference_ms_per_step"]), fmt(result["stabbench_ms_per_step_per_model"]),
                   "-" if result["ratio"] is None else f"{result['ratio']:.2f}x")
-    console.print(table)
+    print_rich_table(table)
     spread = "" if not ratios else f" (per repeat {min(ratios):.2f}-{max(ratios):.2f})"
     print(f"ratio {result['ratio']}{spread}  (wrote {out_dir / 'bench.json'})", flush=True)
     return result

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from stabbench.errors import UNWRITABLE
+
 
 class WriteReport(Callback):
     """When a multirun ends, write `stabbench report` into `<sweep dir>/report`; after a
@@ -23,7 +25,12 @@ class WriteReport(Callback):
         try:
             report.write_report([sweep_dir], sweep_dir / "report")
         except Exception as error:  # noqa: BLE001 - the runs are saved; a failed report must not hide that
-            print(f"stabbench: warning: no report written ({type(error).__name__}: {error}); "
+            if isinstance(error, OSError) and error.errno in UNWRITABLE:
+                print(f"stabbench: error: every run is saved, but no report was written: "
+                      f"{UNWRITABLE[error.errno]}; make room, then: stabbench report {sweep_dir}", file=sys.stderr)
+                sys.exit(1)  # a sweep without its report is not done: a script must see that
+            reason = (str(error).splitlines() or [""])[0]
+            print(f"stabbench: warning: no report written ({type(error).__name__}: {reason}); "
                   f"retry with: stabbench report {sweep_dir}", file=sys.stderr)
 
 

@@ -418,7 +418,7 @@ def plot(per_layer: dict[str, np.ndarray], summary: dict, path: Path, deep_sv: n
 def print_table(summary: dict, out_dir: Path) -> None:
     from rich.table import Table
 
-    from stabbench.progress import console
+    from stabbench.progress import plus_minus, print_rich_table
 
     fmt = lambda v: "-" if v is None else f"{v:.4g}"
     table = Table(title=f"probe: {summary['method']} at init, depth {summary['depth']}, width {summary['width']}, "
@@ -426,7 +426,7 @@ def print_table(summary: dict, out_dir: Path) -> None:
     table.add_column("quantity")
     table.add_column("value", justify="right")
     exponent, ratio, std = summary["lyapunov_exponent"], summary["grad_norm_ratio"], summary["act_std_last_hidden"]
-    table.add_row("growth of log ||x_l|| per layer", f"{fmt(exponent['mean'])} ± {fmt(exponent['se'])}")
+    table.add_row("growth of log ||x_l|| per layer", f"{fmt(exponent['mean'])} {plus_minus()} {fmt(exponent['se'])}")
     table.add_row("grad-norm max/min, hidden layers", f"median {fmt(ratio['median'])}  [{fmt(ratio['min'])}, {fmt(ratio['max'])}]")
     table.add_row("activation std, last hidden layer", f"median {fmt(std['median'])}  [{fmt(std['min'])}, {fmt(std['max'])}]")
     if summary["jacobian_singular_values"]:
@@ -440,7 +440,7 @@ def print_table(summary: dict, out_dir: Path) -> None:
         elif isinstance(value, (str, bool)):
             table.add_row(key, str(value))
     table.add_row("time", f"{summary['wall_time_s']:.1f} s on {summary['device']}")
-    console.print(table)
+    print_rich_table(table)
     print(f"wrote {out_dir}", flush=True)
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stabbench import phase_diagram
+from stabbench import phase_diagram, progress
 from stabbench.errors import UNWRITABLE, UserError
 from stabbench.outputs import FINISHED, LAYER_COLUMNS, METRICS_COLUMNS, atomic_write_text, write_csv
 
@@ -526,8 +526,6 @@ def print_table(table: pd.DataFrame, title: str) -> None:
     """The table in the terminal: compact (3 significant digits, std under the mean)."""
     from rich.table import Table
 
-    from stabbench.progress import console
-
     figures = {"train_loss": "train loss", "val_acc": "val acc", "test_loss": "test loss", "test_acc": "test acc",
                "grad_norm_ratio_init": "grad ratio\ninit", "grad_norm_ratio_final": "grad ratio\nend",
                "steps_to_target": "steps to\ntarget"}
@@ -547,14 +545,9 @@ def print_table(table: pd.DataFrame, title: str) -> None:
         cells += [str(int(row[k])) for k in counts]
         for key in figures:
             mean, std = _fmt(row[f"{key}_mean"], 3), _fmt(row[f"{key}_std"], 2)
-            cells.append(mean if std == "-" else f"{mean}\n[dim]±{std}[/dim]")
+            cells.append(mean if std == "-" else f"{mean}\n[dim]{progress.plus_minus()}{std}[/dim]")
         rich_table.add_row(*cells)
-    if not console.is_terminal:  # a log or a pipe has no width of its own: don't squeeze into 80 columns
-        from rich.console import Console
-
-        Console(width=160, file=sys.stdout).print(rich_table)
-    else:
-        console.print(rich_table)
+    progress.print_rich_table(rich_table)
 
 
 # -- figures --------------------------------------------------------------------------------
@@ -757,7 +750,8 @@ def write_report(paths: list[Path | str], out_dir: Path | str | None = None, tar
     for problem in dict.fromkeys(run_set.problems):
         print(f"stabbench: warning: {problem}", file=sys.stderr)
     if not quiet:
-        print_table(table, f"{len(runs)} seeds in {len(set(run_set.dirs))} runs (mean, ± std over seeds)"
+        print_table(table, f"{len(runs)} seeds in {len(set(run_set.dirs))} runs (mean, "
+                    f"{progress.plus_minus()} std over seeds)"
                     + ("; tuned: each cell at its lr chosen on the validation split" if selection is not None else ""))
         print(f"wrote {out_dir}", flush=True)
     return out_dir

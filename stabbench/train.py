@@ -26,7 +26,7 @@ from stabbench.ensemble import Ensemble
 from stabbench.errors import UserError
 from stabbench.methods.base import Shape, Stage
 from stabbench.outputs import RunRecorder, finite_or_none, write_json
-from stabbench.progress import TrainingProgress, console
+from stabbench.progress import TrainingProgress, print_rich_table
 
 
 def resolve_device(name: str) -> torch.device:
@@ -565,7 +565,8 @@ def print_summary(summaries: list[dict], out_dir: Path) -> None:
     val = any(s["val_loss"] is not None for s in summaries)
     val_key = "val_acc" if any(s["val_acc"] is not None for s in summaries) else "val_loss"
     columns = {"lr": grid, "seed": True, "steps": True, "train loss": True, val_key.replace("_", " "): val, "test loss": True,
-               "test acc": True, "grad ratio init": True, "grad ratio final": True, "diverged": True}
+               "test acc": True, "grad ratio init": True, "grad ratio final": True, "diverged": True,
+               "exploded": any(s.get("exploded") for s in summaries)}
     for column, shown in columns.items():
         if shown:
             table.add_column(column, justify="right")
@@ -575,7 +576,8 @@ def print_summary(summaries: list[dict], out_dir: Path) -> None:
                  val_key.replace("_", " "): fmt(s[val_key]),
                  "test loss": fmt(s["test_loss"]), "test acc": fmt(s["test_acc"]),
                  "grad ratio init": fmt(s["grad_norm_ratio_init"]), "grad ratio final": fmt(s["grad_norm_ratio_final"]),
-                 "diverged": f"step {s['diverged_step']}" if s["diverged"] else "no"}
+                 "diverged": f"step {s['diverged_step']}" if s["diverged"] else "no",
+                 "exploded": f"step {s['exploded_step']}" if s.get("exploded") else "no"}
         table.add_row(*(cells[c] for c, shown in columns.items() if shown))
-    console.print(table)
+    print_rich_table(table)
     print(f"wrote {out_dir}", flush=True)
