@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -190,26 +190,50 @@ def _aitken(q0: float, q1: float, q2: float) -> float:
     return estimate if estimate > 0 else 1e-3 * q2
 
 
+C_GRID = 41  # points on [-1, 1 - delta] where the C-map's fixed points are bracketed
+
+
 def _c_star(phi, q_star: float, chi_1: float, weight_var: float, bias_var: float, n: int) -> float:
-    """The stable fixed point of the C-map: 1 unless chaotic; otherwise the root of C(c) = c
-    below 1 (C(-1) >= -1 by Cauchy-Schwarz, C(c) < c just below 1 where the slope chi_1 > 1)."""
+    """The stable fixed point of the C-map: 1 unless chaotic; otherwise the largest root of
+    C(c) = c below 1, the one correlations starting near 1 fall to (C(c) < c just below 1
+    where the slope chi_1 > 1, and C(-1) >= -1 by Cauchy-Schwarz). A root is accepted only
+    where it is stable, |C'(c*)| < 1: for an odd phi without bias C(-1) = -1 exactly, but
+    that fixed point has slope chi_1 > 1, and the correlations go to the interior root
+    (c* = 0 by symmetry)."""
     if chi_1 <= 1.0 + CRITICAL_TOLERANCE:
         return 1.0
     from scipy.optimize import brentq
 
-    gap = lambda c: float(correlation_map(phi, c, q_star, weight_var, bias_var, n)) - c
-    if gap(-1.0) <= 0:  # C(-1) = -1 up to rounding: c = -1 is the fixed point reached
-        return -1.0
-    for delta in (1e-2, 1e-4, 1e-6, 1e-8):
-        if gap(1.0 - delta) < 0:
-            return brentq(gap, -1.0, 1.0 - delta, xtol=1e-14, rtol=1e-13)
+    gap = lambda c: correlation_map(phi, c, q_star, weight_var, bias_var, n) - c
+    top = next((1.0 - d for d in (1e-2, 1e-4, 1e-6, 1e-8) if float(gap(1.0 - d)) < 0), None)
+    if top is None:
+        return 1.0
+    grid = np.linspace(-1.0, top, C_GRID)
+    gaps = np.asarray(gap(grid), float)
+    for i in range(C_GRID - 2, -1, -1):  # from the top: the first sign change below 1
+        low, high = grid[i], grid[i + 1]
+        if gaps[i] == 0:
+            root = float(low)
+        elif gaps[i] > 0 > gaps[i + 1]:
+            root = brentq(lambda c: float(gap(c)), low, high, xtol=1e-14, rtol=1e-13)
+            root = 0.0 if abs(root) < 1e-12 else root  # an odd phi's symmetric root, to the quadrature's accuracy
+        else:
+            continue
+        if abs(c_map_slope(phi, q_star, root, weight_var, n)) < 1.0:
+            return root
     return 1.0
+
+
+def c_map_slope(phi, q_star: float, c: float, weight_var: float, n: int = NODES) -> float:
+    """C'(c) at the fixed length q*: sigma_w^2 E[phi'(u_a) phi'(u_b)] (Price's theorem), chi_c at c*."""
+    return weight_var * float(pair_expectations(phi, q_star, q_star, c, n)["slope_slope"])
 
 
 @dataclass
 class Prediction:
     """The theory's numbers for one (phi, sigma_w^2, sigma_b^2). Infinite depth scales (the
-    critical line) and q* = inf (a length map that diverges) are kept as inf here."""
+    critical line) and q* = inf (a length map that diverges) are kept as inf here; a quantity
+    the theory does not define there is NaN, named in `undefined` with the reason."""
     weight_var: float
     bias_var: float
     q_star: float
@@ -220,16 +244,34 @@ class Prediction:
     xi_q: float
     xi_c: float
     phase: str  # ordered | critical | chaotic
+    undefined: dict = field(default_factory=dict)  # quantity -> why the theory gives it no value
 
     def as_dict(self) -> dict:
         out = asdict(self)
         out["six_xi_c"] = 6 * self.xi_c
+        if "xi_c" in self.undefined:
+            out["undefined"] = {**self.undefined, "six_xi_c": self.undefined["xi_c"]}
         return out
 
 
+# Where q* is 0 or infinite there is no fixed length to linearise the correlation map around:
+# its normalised form has slope 1 at c = 1 (the relu family is homogeneous; tanh near q = 0 is
+# linear), so correlations converge polynomially or not at all, on no depth scale.
+NO_FIXED_LENGTH = {0.0: "q* = 0 (the length map collapses): correlations converge polynomially "
+                        "or not at all, on no depth scale",
+                   math.inf: "q* = inf (the length map diverges): no fixed length to linearise the "
+                             "correlation map around"}
+ROUNDING = 1e-10  # a slope this close to 1 is 1: its depth scale is infinite, not 1/ROUNDING
+
+
 def depth_scale(chi: float) -> float:
-    """-1 / log chi: the layers over which a deviation shrinks by e (inf at chi >= 1)."""
-    return -1.0 / math.log(chi) if 0 < chi < 1 else (0.0 if chi <= 0 else math.inf)
+    """-1 / log chi: the layers over which a deviation shrinks by e (inf at chi >= 1, and
+    within rounding of 1)."""
+    if math.isnan(chi):
+        return math.nan
+    if chi >= 1.0 - ROUNDING:
+        return math.inf
+    return -1.0 / math.log(chi) if chi > 0 else 0.0
 
 
 def phase_of(chi_1: float) -> str:
@@ -251,14 +293,18 @@ def predict(phi, weight_var: float, bias_var: float, n: int = NODES) -> Predicti
     # al.), written by Gaussian integration by parts as sigma_w^2 E[z phi phi'] / sqrt(q): no
     # phi'', whose delta at a kink (GPN-shifted relu: phi(0) != 0) this form keeps.
     chi_q = weight_var * float(moments["z_phi_slope"]) / math.sqrt(q_eval)
-    if math.isfinite(q_star) and q_star > 0:
-        c_star = _c_star(phi, q_star, chi_1, weight_var, bias_var, n)
-        chi_c = chi_1 if c_star == 1.0 else weight_var * float(pair_expectations(phi, q_star, q_star, c_star, n)["slope_slope"])
+    phase = phase_of(chi_1)
+    undefined = {}
+    if q_star in NO_FIXED_LENGTH:
+        c_star = chi_c = xi_c = math.nan
+        undefined = dict.fromkeys(("c_star", "chi_c", "xi_c"), NO_FIXED_LENGTH[q_star])
     else:
-        c_star, chi_c = math.nan, chi_1
-    xi_c = math.inf if phase_of(chi_1) == "critical" else depth_scale(chi_c)
+        c_star = _c_star(phi, q_star, chi_1, weight_var, bias_var, n)
+        chi_c = chi_1 if c_star == 1.0 else c_map_slope(phi, q_star, c_star, weight_var, n)
+        xi_c = math.inf if phase == "critical" else depth_scale(chi_c)
     return Prediction(weight_var=weight_var, bias_var=bias_var, q_star=q_star, chi_1=chi_1, chi_q=chi_q,
-                      c_star=c_star, chi_c=chi_c, xi_q=depth_scale(chi_q), xi_c=xi_c, phase=phase_of(chi_1))
+                      c_star=c_star, chi_c=chi_c, xi_q=depth_scale(chi_q), xi_c=xi_c, phase=phase,
+                      undefined=undefined)
 
 
 def critical_weight_var(phi, bias_var: float, low: float = 0.05, high: float = 100.0, n: int = NODES) -> float | None:

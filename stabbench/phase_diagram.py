@@ -43,7 +43,8 @@ def _runs_with_scores(run_set) -> pd.DataFrame:
     train = metrics[(metrics["split"] == "train")].sort_values("gstep") if "acc" in metrics else metrics.iloc[:0]
     last = train.groupby(["run_id", "seed"])["acc"].last()
     runs["train_acc"] = last.reindex(pd.MultiIndex.from_frame(runs[["run_id", "seed"]])).to_numpy(dtype=float)
-    return runs[runs["train_acc"].notna()]
+    # a diverged seed has no accuracy (NaN, never argmax of NaN logits): kept, as untrainable
+    return runs[runs["train_acc"].notna() | runs["diverged"]]
 
 
 def _activation_and_bias(run_set, run_id: int):
@@ -68,8 +69,12 @@ def _activation_and_bias(run_set, run_id: int):
 def theory_curve(activation, bias_var: float, weight_vars: np.ndarray) -> pd.DataFrame:
     from stabbench import mean_field
 
-    rows = [mean_field.predict(activation, float(v), bias_var).as_dict() for v in weight_vars]
-    return pd.DataFrame(rows)
+    rows = []
+    for weight_var in weight_vars:
+        prediction = mean_field.predict(activation, float(weight_var), bias_var)
+        rows.append({**prediction.as_dict(), "undefined": None,  # 6 xi_c NaN there: the curve has a gap
+                     "xi_c_undefined": prediction.undefined.get("xi_c")})
+    return pd.DataFrame(rows).drop(columns="undefined")
 
 
 def trainable_edges(cells: pd.DataFrame) -> pd.DataFrame:
@@ -78,7 +83,7 @@ def trainable_edges(cells: pd.DataFrame) -> pd.DataFrame:
     out = []
     for weight_var, column in cells.groupby("weight_var"):
         good = column.loc[column["train_acc"] >= threshold, "depth"]
-        bad = column.loc[column["train_acc"] < threshold, "depth"]
+        bad = column.loc[~(column["train_acc"] >= threshold), "depth"]  # every seed diverged: NaN, untrainable
         out.append({"weight_var": weight_var, "deepest_trainable": good.max() if len(good) else np.nan,
                     "shallowest_untrainable": bad.min() if len(bad) else np.nan, "threshold": threshold})
     return pd.DataFrame(out)
@@ -104,7 +109,7 @@ def write(run_set, out_dir: Path) -> list[str]:
         critical = mean_field.critical_weight_var(activation, bias_var)
         at_runs = theory_curve(activation, bias_var, np.sort(cells["weight_var"].unique()))
         edges = trainable_edges(cells).merge(
-            at_runs[["weight_var", "chi_1", "xi_c", "six_xi_c", "phase"]], on="weight_var")
+            at_runs[["weight_var", "chi_1", "xi_c", "six_xi_c", "xi_c_undefined", "phase"]], on="weight_var")
         title = " · ".join(str(v) for v in (key if isinstance(key, tuple) else (key,)) if not pd.isna(v))
         panels.append((title, cells, curve, critical, edges.assign(panel=title, bias_var=bias_var,
                                                                     critical_weight_var=critical)))
@@ -136,14 +141,18 @@ def _draw(panels, path: Path) -> None:
         norm = Normalize(0.0, max(float(np.nanmax(grid.to_numpy())), 1e-6))
         image = ax.pcolormesh(_edges(weight_vars), _edges(depths), np.ma.masked_invalid(grid.to_numpy(dtype=float)),
                               cmap=colormaps["viridis"].with_extremes(bad="#dddddd"), norm=norm, shading="flat")
-        for (depth, weight_var), value in grid.stack().items():
-            if not np.isfinite(value):  # a cell not run
-                continue
-            ax.text(weight_var, depth, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if norm(value) < 0.55 else "black")
+        diverged = cells.set_index(["depth", "weight_var"])["diverged"]
+        for depth, weight_var in ((d, v) for d in grid.index for v in grid.columns):
+            value = grid.loc[depth, weight_var]
+            if np.isfinite(value):
+                ax.text(weight_var, depth, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if norm(value) < 0.55 else "black")
+            elif diverged.get((depth, weight_var), 0):  # every seed diverged: no accuracy to show
+                ax.text(weight_var, depth, "diverged", ha="center", va="center", fontsize=6, color="black")
         top = _edges(depths)[-1]
-        six_xi_c = np.where(np.isfinite(curve["six_xi_c"]), curve["six_xi_c"], top * 10)
-        ax.plot(curve["weight_var"], np.minimum(six_xi_c, top * 10), color="white", linewidth=2.0, label="6 xi_c")
+        # inf (the critical line) runs off the top; NaN (no depth scale: q* = 0 or inf) is a gap
+        six_xi_c = np.minimum(curve["six_xi_c"].to_numpy(dtype=float), top * 10)
+        ax.plot(curve["weight_var"], six_xi_c, color="white", linewidth=2.0, label="6 xi_c")
         if critical is not None and weight_vars[0] <= critical <= weight_vars[-1] + 1e-9:
             ax.axvline(critical, color="white", linestyle="--", linewidth=1.3,
                        label=f"critical sigma_w^2 = {critical:.3g}")

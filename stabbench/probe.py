@@ -279,6 +279,7 @@ def run(cfg, out_dir: Path) -> dict:
     deep_singular_values = []
     for start in range(0, len(seeds), chunk):
         ensemble = build_ensemble(method, shape, seeds[start:start + chunk], device)
+        mode_note = probe_theory.eval_mode_note(ensemble)  # what eval mode changes in the Jacobians
         if constants is None:
             with torch.no_grad():
                 first = ensemble.member(0, device)
@@ -349,7 +350,8 @@ def run(cfg, out_dir: Path) -> dict:
     }
     if deep_singular_values:
         deep_sv = np.concatenate(deep_singular_values)  # [draws, examples, width]
-        summary["deep_jacobian"] = probe_theory.deep_jacobian_block(deep_sv, mean_field_block, spec, activation, x, depth)
+        summary["deep_jacobian"] = probe_theory.deep_jacobian_block(deep_sv, mean_field_block, spec, activation, x, depth,
+                                                                    mode_note)
     else:
         deep_sv = None
     if singular_values:
@@ -358,7 +360,7 @@ def run(cfg, out_dir: Path) -> dict:
             log_sv = np.log(sv)
             condition = sv.max(-1) / sv.min(-1)
         summary["jacobian_singular_values"] = {
-            "of": "d logits / d input, eval mode", "examples_per_network": int(sv.shape[1]),
+            "of": "d logits / d input, eval mode" + mode_note, "examples_per_network": int(sv.shape[1]),
             "values_per_example": int(sv.shape[2]),
             **spread(sv.reshape(-1)),
             "mean_log": float(np.mean(log_sv)) if np.isfinite(log_sv).all() else None,

@@ -99,15 +99,17 @@ def mean_field_block(spec, activation, x: torch.Tensor, measured: dict[str, np.n
 def deep_jacobian_singular_values(ensemble, x: torch.Tensor, examples: int, device,
                                   draws: int | None = None) -> np.ndarray:
     """Singular values of d x_depth / d x_1 (hidden layer 1 to hidden layer depth, width x width)
-    for the first `examples` inputs of the first `draws` draws: [draws, examples, width]. In
-    eval mode (no dropout, batch norm's running statistics), by reverse mode: one
+    for the first `examples` inputs of the first `draws` draws: [draws, examples, width], in
+    float64 (in float32 the smallest values and the mean log are rounding floors, ~1e-11 where
+    float64 gives 1e-19). In eval mode (no dropout, batch norm's running statistics: at init
+    the identity, so a batch-normed net's Jacobian here leaves its normalisation out), by reverse mode: one
     vector-Jacobian product per unit of x_depth, batched. Measured at depth 20, width 500 on the
     2-core VM: 0.64 s of CPU per example reverse, 0.83 s forward (jacfwd), 0.9 s the SVD."""
     from torch.func import jacrev, vmap
 
     values = []
     for k in range(min(ensemble.size, ensemble.size if draws is None else draws)):
-        member = ensemble.member(k, device).eval()
+        member = ensemble.member(k, device).double().eval()  # float64: float32's floor is ~1e-11 of the largest
         hidden = member.layers[:-1]
 
         def deep(x1):
@@ -116,7 +118,7 @@ def deep_jacobian_singular_values(ensemble, x: torch.Tensor, examples: int, devi
             return x1
 
         with torch.no_grad():
-            x1 = member.activation(hidden[0](member.map_input(x[:examples])))
+            x1 = member.activation(hidden[0](member.map_input(x[:examples].double())))
         jac = vmap(jacrev(deep))(x1.detach()).detach().double()
         finite = torch.isfinite(jac).flatten(1).all(-1)
         sv = torch.linalg.svdvals(torch.where(finite[:, None, None], jac, torch.zeros_like(jac)))
@@ -127,7 +129,17 @@ def deep_jacobian_singular_values(ensemble, x: torch.Tensor, examples: int, devi
     return torch.stack(values).cpu().numpy()
 
 
-def deep_jacobian_block(sv: np.ndarray, mean_field_block: dict, spec, activation, x: torch.Tensor, depth: int) -> dict:
+def eval_mode_note(ensemble) -> str:
+    """What eval mode changes in this network's Jacobians, for their `of` label: batch norm
+    normalises by its running statistics (at init mean 0, variance 1: the identity), not by
+    the batch's as every training step does."""
+    batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in ensemble.skeleton.modules())
+    return ("; batch norm at its running statistics (the identity at init), not the batch's as in training"
+            if batch_norm else "")
+
+
+def deep_jacobian_block(sv: np.ndarray, mean_field_block: dict, spec, activation, x: torch.Tensor, depth: int,
+                        mode_note: str = "") -> dict:
     """Moments of the singular values (pooled over draws and examples) and the theory's mean
     squared singular value: chi_1^(depth-1) at the fixed point (Pennington et al. 2017), and
     the product of sigma_w^2 E[phi'(h_l)^2] over layers 2..depth along the length map's q_l
@@ -136,7 +148,7 @@ def deep_jacobian_block(sv: np.ndarray, mean_field_block: dict, spec, activation
     finite = sv[np.isfinite(sv)]
     squares = finite ** 2
     block = {
-        "of": f"d x_{depth} / d x_1, eval mode", "examples_per_network": int(sv.shape[1]),
+        "of": f"d x_{depth} / d x_1, eval mode{mode_note}", "examples_per_network": int(sv.shape[1]),
         "values_per_example": int(sv.shape[2]),
         "mean_squared": float(squares.mean()) if finite.size else None,
         "variance_of_squares": float(squares.var()) if finite.size else None,
@@ -186,9 +198,10 @@ def plot_mean_field(ax, per_layer: dict[str, np.ndarray], block: dict) -> None:
     more = twin.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="best", fontsize=7)
     if block.get("applies"):
-        fmt = lambda v: "inf" if v is None else f"{v:.3g}"
+        fmt = lambda v: "inf" if v is None else f"{v + 0.0:.3g}"
+        xi_c = "n/a" if "xi_c" in (block.get("undefined") or {}) else fmt(block["xi_c"])
         ax.set_title(f"mean field: sigma_w^2 {block['weight_var']:.3g}, sigma_b^2 {block['bias_var']:.3g}: "
-                     f"{block['phase']}, chi_1 {fmt(block['chi_1'])}, xi_c {fmt(block['xi_c'])}", fontsize=9)
+                     f"{block['phase']}, chi_1 {fmt(block['chi_1'])}, xi_c {xi_c}", fontsize=9)
     else:
         ax.set_title("mean field: no prediction for this method (measured only)", fontsize=9)
 
@@ -217,8 +230,9 @@ def plot_deep_jacobian(ax, sv: np.ndarray | None, block: dict | None) -> None:
 
 def table_rows(block: dict, jacobian: dict | None, depth: int) -> list[tuple[str, str]]:
     """The probe table's mean-field and deep-Jacobian rows."""
-    fmt = lambda v: "inf" if v is None else f"{v:.4g}"  # JSON's null for an infinite depth scale
-    defined = lambda v: "n/a" if v is None else f"{v:.4g}"  # c* has no value where q* is 0 or inf
+    fmt = lambda v: "inf" if v is None else f"{v + 0.0:.4g}"  # null: an infinite depth scale; + 0.0: never "-0"
+    undefined = block.get("undefined") or {}
+    predicted = lambda key: "n/a" if key in undefined else fmt(block[key])  # no value where q* is 0 or inf
     q, c = block["measured"]["q"], block["measured"]["c"]
     rows = []
     if block["applies"]:
@@ -227,8 +241,12 @@ def table_rows(block: dict, jacobian: dict | None, depth: int) -> list[tuple[str
                                                  f"({block['weights']})"),
             ("  phase (chi_1; critical sigma_w^2)", f"{block['phase']} ({fmt(block['chi_1'])}; "
                                                    f"{fmt(block['critical_weight_var'])})"),
-            ("  q*, c*, chi_c", f"{fmt(block['q_star'])}, {defined(block['c_star'])}, {fmt(block['chi_c'])}"),
-            ("  xi_q, xi_c, 6 xi_c (layers)", f"{fmt(block['xi_q'])}, {fmt(block['xi_c'])}, {fmt(block['six_xi_c'])}"),
+            ("  q*, c*, chi_c", f"{fmt(block['q_star'])}, {predicted('c_star')}, {predicted('chi_c')}"),
+            ("  xi_q, xi_c, 6 xi_c (layers)", f"{fmt(block['xi_q'])}, {predicted('xi_c')}, {predicted('six_xi_c')}"),
+        ]
+        if undefined:
+            rows.append(("  n/a because", next(iter(undefined.values()))))
+        rows += [
             (f"  q_{depth} measured / length map", f"{fmt(q[-1])} / {fmt(block['q_theory'][-1])}  "
                                                    f"(max rel. error {fmt(block['q_max_relative_error'])})"),
             (f"  c_{depth} measured / correlation map", f"{fmt(c[-1])} / {fmt(block['c_theory'][-1])}  "
@@ -242,4 +260,6 @@ def table_rows(block: dict, jacobian: dict | None, depth: int) -> list[tuple[str
         rows.append((f"deep Jacobian mean s^2 (x_{depth}/x_1)",
                      f"{fmt(jacobian['mean_squared'])}" + (f" / theory {fmt(theory)}" if theory is not None else "")
                      + f"  [{fmt(jacobian['min'])}, {fmt(jacobian['max'])}]"))
+        if ";" in jacobian["of"]:  # eval mode differs from training (batch norm): say so beside the figure
+            rows.append(("  taken in", jacobian["of"].split(", ", 1)[1]))
     return rows

@@ -312,6 +312,7 @@ def read_runs(dirs: list[Path], root: Path) -> RunSet:
     # Partial runs and older summaries: what the summary lacks, the config knows.
     runs["method"] = runs["method"].astype(object).fillna(config["method.name"]).fillna("?")
     runs["dataset"] = runs["dataset"].astype(object).fillna(config["dataset.name"]).fillna("?")
+    runs["dataset.name"] = runs["dataset"].to_numpy()  # the dataset's own name, before labels (tuning reads it)
     runs["depth"] = runs["depth"].fillna(config["depth"])
     runs["width"] = runs["width"].fillna(config["width"])
     for column in ("depth", "width", "seed"):  # ints, even where a partial run's NaN made them floats

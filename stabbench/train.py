@@ -65,10 +65,13 @@ def make_optimizer(cfg, params: list[torch.Tensor], capturable: bool = False, fu
 
 
 def task_loss(task: str, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-member mean loss and accuracy over a batch: logits [E, B, C] -> [E]."""
+    """Per-member mean loss and accuracy over a batch: logits [E, B, C] -> [E]. A member whose
+    loss is not finite (some logit NaN or infinite) has accuracy NaN: argmax of NaN logits is
+    class 0, a made-up score."""
     if task == "classification":
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape).mean(-1)
-        return loss, (logits.argmax(-1) == targets).float().mean(-1)
+        acc = (logits.argmax(-1) == targets).float().mean(-1)
+        return loss, torch.where(torch.isfinite(loss), acc, float("nan"))
     return (logits - targets).pow(2).flatten(1).mean(-1), None
 
 
@@ -540,7 +543,8 @@ def summarize(run: Run, finished: list[tuple[Stage, StageResult]]) -> list[dict]
             "exploded": exploded_step(final, k) is not None,
             "exploded_step": exploded_step(final, k),
             "grad_norm_ratio_init": final.grad_norm_ratio_init[k],
-            "grad_norm_ratio_final": final.grad_norm_ratio_final[k],
+            # a diverged member's last ratio is of the step before its NaN, not of a trained net
+            "grad_norm_ratio_final": None if final.diverged_step[k] >= 0 else final.grad_norm_ratio_final[k],
             "total_steps": sum(steps for steps, _, _ in extents),
             "total_flops": sum(flops for _, _, flops in extents),
             "wall_time_s": round(time.perf_counter() - run.started, 3), "device": str(run.device),

@@ -5,7 +5,9 @@ For each cell (method with its options, dataset, depth, width) that was trained 
 than one learning rate, whether by one batched run (`lrs=[...]`) or by separate runs
 (`-m lr=...`), the chosen lr is the one with the best mean final validation score over
 its seeds: accuracy for classification (higher is better), loss for regression (lower is
-better). A diverged seed scores as the worst possible (accuracy 0, loss +inf); among lrs
+better). A dataset that is a memorisation task (pure-noise targets: `synthetic_regression`)
+declares `SELECTED_ON = "train_loss"`: there the validation loss rewards not fitting, so the
+lr is chosen by the final training loss, and the report says so. A diverged seed scores as the worst possible (accuracy 0, loss +inf); among lrs
 tied at +inf, fewer diverged seeds win, then the better mean of the rest. Only finished
 seeds count (a partial run is still going). The report then shows that lr's test metrics.
 
@@ -19,10 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from stabbench import datasets
 from stabbench.outputs import FINISHED
 
 CELL = ["method", "dataset", "depth", "width"]
-SELECTION_COLUMNS = CELL + ["lr", "seed", "status", "diverged", "exploded", "val_acc", "val_loss"]
+SELECTION_COLUMNS = CELL + ["lr", "seed", "status", "diverged", "exploded", "val_acc", "val_loss", "train_loss",
+                            "dataset.name"]
+MEMORISATION_NOTE = "a memorisation task, where the validation loss rewards not fitting"
 
 
 @dataclass
@@ -57,17 +62,21 @@ def select(runs: pd.DataFrame) -> Selection:
     runs = runs[[c for c in SELECTION_COLUMNS if c in runs]].copy()
     if "exploded" not in runs:
         runs["exploded"] = False
-    for column in ("val_acc", "val_loss"):
+    for column in ("val_acc", "val_loss", "train_loss"):
         runs[column] = pd.to_numeric(runs[column], errors="coerce") if column in runs else np.nan
+    if "dataset.name" not in runs:
+        runs["dataset.name"] = runs["dataset"]
     finished = runs[runs["status"].isin(FINISHED)]
     cells, per_lr = [], []
     for key, cell in finished.groupby(CELL, dropna=False, sort=True):
-        accuracy = cell["val_acc"].notna().any()
-        value = cell["val_acc" if accuracy else "val_loss"].astype(float)
+        on_train = datasets.selected_on(str(cell["dataset.name"].iloc[0])) == "train_loss"
+        accuracy = not on_train and cell["val_acc"].notna().any()
+        value = cell["val_acc" if accuracy else "train_loss" if on_train else "val_loss"].astype(float)
         failed = cell["diverged"].astype(bool) | cell["exploded"].astype(bool)  # an exploded seed is not trained either
         healthy = ~failed & np.isfinite(value)
         if not healthy.any() and not failed.all():
-            raise NoValidation(f"{key[0]} at depth {key[2]}, width {key[3]} has no validation scores")
+            raise NoValidation(f"{key[0]} at depth {key[2]}, width {key[3]} has no "
+                               f"{'training' if on_train else 'validation'} scores")
         # Higher is better from here on: a loss is negated. The worst possible: accuracy 0, loss +inf.
         score = np.where(healthy, value if accuracy else -value, 0.0 if accuracy else -np.inf)
         frame = cell.assign(score=score, healthy=healthy, good=np.where(healthy, score, np.nan))
@@ -81,7 +90,8 @@ def select(runs: pd.DataFrame) -> Selection:
         grid = sorted(scores["lr"])
         edge = "" if len(grid) < 2 else "low" if best["lr"] == grid[0] else "high" if best["lr"] == grid[-1] else ""
         sign = 1.0 if accuracy else -1.0
-        metric = "validation accuracy" if accuracy else "validation loss"
+        metric = ("validation accuracy" if accuracy else f"training loss ({MEMORISATION_NOTE})" if on_train
+                  else "validation loss")
         cells.append(dict(zip(CELL, key), lr=float(best["lr"]), grid=tuple(grid), edge=edge,
                           val_score=sign * float(best["val_score"]), metric=metric, seeds=int(best["n"])))
         per_lr.append(scores.assign(val_score=sign * scores["val_score"], metric=metric,
@@ -91,7 +101,9 @@ def select(runs: pd.DataFrame) -> Selection:
         columns=CELL + ["lr", "val_score", "n", "diverged", "metric"])
     chosen_lr = runs[CELL].merge(cells[CELL + ["lr"]], on=CELL, how="left")["lr"].to_numpy()
     return Selection(cells=cells, per_lr=per_lr,
-                     chosen=pd.Series(np.isclose(runs["lr"].astype(float).to_numpy(), chosen_lr.astype(float)),
+                     # exact: the chosen lr is one of the cell's own lr values (isclose's absolute
+                     # tolerance 1e-8 would call lrs 1e-8 and 2e-8 the same)
+                     chosen=pd.Series(runs["lr"].astype(float).to_numpy() == chosen_lr.astype(float),
                                       index=runs.index))
 
 
@@ -102,7 +114,8 @@ def run_score(summaries: list[dict]) -> float | None:
     runs = pd.DataFrame([{"method": s["method"], "dataset": s["dataset"], "depth": s["depth"], "width": s["width"],
                           "lr": s["lr"], "seed": s["seed"], "status": "complete", "diverged": s["diverged"],
                           "exploded": bool(s.get("exploded")),
-                          "val_acc": s.get("val_acc"), "val_loss": s.get("val_loss")} for s in summaries])
+                          "val_acc": s.get("val_acc"), "val_loss": s.get("val_loss"),
+                          "train_loss": s.get("train_loss")} for s in summaries])
     try:
         cells = select(runs).cells
     except NoValidation:

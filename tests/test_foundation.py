@@ -72,6 +72,27 @@ def test_divergence_is_a_result_not_a_crash(cli, tmp_path):
     assert isinstance(summary["diverged_step"], int) and summary["diverged_step"] >= 0
 
 
+def test_a_diverged_run_has_no_made_up_accuracy_anywhere(cli, tmp_path):
+    """argmax of NaN logits is class 0: a diverging step's rows carried a training accuracy
+    (0.145 with loss NaN) that the phase diagram averaged. From the divergence on, every
+    accuracy is NaN/null, in metrics.csv, summary.json and the report; so is the final ratio."""
+    code, _, err = cli("run", "depth=6", "method.activation=relu", "method.init=he", "lr=1e4", "seeds=2",
+                       "log_every=1", "hydra.run.dir=out", *TINY)
+    assert code == 0, err
+    seeds = json.loads((tmp_path / "out" / "summary.json").read_text())["seeds"]
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    for summary in seeds:
+        assert summary["diverged"] is True
+        assert summary["test_acc"] is None and summary["val_acc"] is None
+        assert summary["grad_norm_ratio_final"] is None
+        rows = metrics[(metrics.seed == summary["seed"]) & (metrics.step >= summary["diverged_step"])]
+        assert len(rows) and rows["acc"].isna().all(), rows
+        assert np.isfinite(metrics.loss[metrics.acc.notna()]).all()  # an accuracy only beside a finite loss
+    assert cli("report", "out")[0] == 0
+    runs = pd.read_csv(tmp_path / "out_report" / "runs.csv")
+    assert runs[["test_acc", "val_acc", "grad_norm_ratio_final"]].isna().all().all()
+
+
 def test_regression_dataset_has_no_accuracy(cli, tmp_path):
     code, _, err = cli("run", "dataset=synthetic_regression", "depth=3", "hydra.run.dir=out", *TINY)
     assert code == 0, err

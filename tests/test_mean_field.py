@@ -124,6 +124,57 @@ def test_chaotic_fixed_point_and_depth_scales_by_independent_computation():
         assert p.chi_q == pytest.approx(float(slope), rel=1e-5)
 
 
+@pytest.mark.parametrize("weight_var", [1.5, 2.0, 3.0, 4.0])
+def test_zero_bias_chaotic_fixed_point_is_the_stable_zero_not_minus_one(weight_var):
+    """An odd phi without bias has C(-1) = -1 exactly, but that fixed point is unstable (slope
+    chi_1 > 1); correlations go to c* = 0. Independently, with numpy's Gauss-Hermite rule (not
+    mean_field's split Legendre panels; tanh is smooth): q* by iterating the length map,
+    chi_c = sigma_w^2 E[tanh'(u)]^2 there (u_a, u_b independent at c = 0), and the two-input
+    map iterated from c = 0.9 and from c = -0.9 falls to 0, from -0.9 away from -1."""
+    x, w = np.polynomial.hermite_e.hermegauss(120)
+    w = w / math.sqrt(2 * math.pi)  # E over N(0, 1)
+    q = 1.0
+    for _ in range(3000):
+        q = weight_var * float(w @ np.tanh(math.sqrt(q) * x) ** 2)
+    chi_c = weight_var * float(w @ (1 - np.tanh(math.sqrt(q) * x) ** 2)) ** 2
+    outer = w * np.tanh(math.sqrt(q) * x)  # over z1
+    c_map = lambda c: weight_var * float(outer @ (np.tanh(math.sqrt(q) * (c * x[:, None] + math.sqrt(1 - c * c) * x))
+                                                  @ w)) / q
+    for c in (0.9, -0.9):
+        for _ in range(2000):
+            c = c_map(c)
+        assert abs(c) < 1e-6
+    p = mf.predict(Activation("tanh"), weight_var, 0.0)
+    assert p.phase == "chaotic" and p.c_star == 0.0 and not p.undefined
+    assert p.q_star == pytest.approx(q, rel=1e-6)
+    assert p.chi_c == pytest.approx(chi_c, rel=1e-6) and p.chi_c < 1
+    assert p.xi_c == pytest.approx(-1 / math.log(chi_c), rel=1e-5)
+
+
+@pytest.mark.parametrize("name, weight_var", [("relu", 1.0), ("relu", 1.5), ("relu", 3.0), ("tanh", 0.5),
+                                              ("tanh", 0.9), ("linear", 0.5), ("linear", 1.5)])
+def test_no_depth_scale_where_q_star_is_zero_or_infinite(name, weight_var):
+    """ReLU without bias (q* = 0 below sigma_w^2 = 2, inf above) and tanh without bias below
+    sigma_w^2 = 1 (q* = 0): the normalised correlation map has slope 1 at c = 1, the same map
+    whatever sigma_w^2, so there is no xi_c; it is undefined, with the reason, not -1/log chi_1."""
+    p = mf.predict(Activation(name), weight_var, 0.0)
+    assert p.q_star in (0.0, math.inf)
+    assert set(p.undefined) == {"c_star", "chi_c", "xi_c"} and "q* =" in p.undefined["xi_c"]
+    assert math.isnan(p.xi_c) and math.isnan(p.chi_c) and math.isnan(p.c_star)
+    assert p.as_dict()["undefined"]["six_xi_c"] == p.undefined["xi_c"]
+    if name == "relu":  # the normalised map is the arc-cosine kernel's, sigma_w^2 drops out
+        for c in (0.2, 0.9):
+            normalised = arc_cosine(1.0, c) / arc_cosine(1.0, 1.0)
+            assert normalised == pytest.approx(float(mf.pair_expectations(Activation("relu"), 1.0, 1.0, c)["phi_phi"])
+                                               / float(mf.pair_expectations(Activation("relu"), 1.0, 1.0, 1.0)["phi_phi"]))
+
+
+def test_a_depth_scale_within_rounding_of_one_is_infinite():
+    assert mf.depth_scale(1.0 - 4e-14) == math.inf  # was 2.5e13 at tanh's critical point without bias
+    assert mf.depth_scale(0.999) == pytest.approx(-1 / math.log(0.999))
+    assert math.isnan(mf.depth_scale(math.nan))
+
+
 def test_gpn_activations_sit_on_the_critical_line():
     # GPN: E[phi(z)^2] = 1 and E[phi'(z)^2] = 1 under N(0, 1): with sigma_w^2 = 1, sigma_b^2 = 0, q* = 1 and chi_1 = 1
     for name in ("tanh", "selu", "relu"):

@@ -48,3 +48,25 @@ def test_no_phase_diagram_without_a_weight_var_sweep(tmp_path):
                  {0: [2.0, 1.0]})
     out = report.write_report([tmp_path / "sweep"], quiet=True)
     assert not (out / "phase_diagram.png").exists() and not (out / "phase_diagram.csv").exists()
+
+
+def test_without_bias_the_curve_has_no_depth_scale_where_q_star_is_zero_and_diverged_cells_are_untrainable(tmp_path):
+    """tanh, sigma_b^2 = 0: below sigma_w^2 = 1 q* = 0 and there is no xi_c (NaN in the table,
+    with the reason; a gap in the curve, not a line off the top); above, the stable c* = 0
+    gives a finite 6 xi_c. A cell whose seed diverged has no accuracy and is untrainable."""
+    runs = {(0.5, 10): 0.8, (0.5, 30): 0.8, (3.0, 10): 0.8, (3.0, 30): None}  # None: diverged
+    for job, ((weight_var, depth), acc) in enumerate(runs.items()):
+        config = fake_config(depth=depth, width=16, weight_var=weight_var, bias_var=0.0)
+        run_dir = make_run(tmp_path / "sweep", f"{job}_w{weight_var}_d{depth}", config,
+                           [fake_summary(config, 0, 1.0, 1.0, acc, diverged=acc is None)])
+        rows = [dict(step=s, epoch=0, stage=0, seed=0, split="train", loss=1.0 if acc else float("nan"),
+                     acc=float("nan") if acc is None else acc, time_s=0.1) for s in (0, 9)]
+        pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
+    out = report.write_report([tmp_path / "sweep"], quiet=True)
+    table = pd.read_csv(out / "phase_diagram.csv").set_index("weight_var")
+    tanh = Activation("tanh")
+    assert pd.isna(table.loc[0.5, "six_xi_c"]) and "q* = 0" in table.loc[0.5, "xi_c_undefined"]
+    expected = mean_field.predict(tanh, 3.0, 0.0)
+    assert expected.c_star == 0.0
+    assert table.loc[3.0, "six_xi_c"] == pytest.approx(6 * expected.xi_c, rel=1e-9) and pd.isna(table.loc[3.0, "xi_c_undefined"])
+    assert table.loc[3.0, "deepest_trainable"] == 10 and table.loc[3.0, "shallowest_untrainable"] == 30

@@ -153,3 +153,43 @@ def test_optuna_sweeper_tunes_on_the_runs_selection_score(cli, tmp_path):
     assert len(summaries) == 3
     best = max(summaries, key=lambda s: s["val_acc"])
     assert result["best_value"] == pytest.approx(best["val_acc"]) and result["best_params"]["lr"] == pytest.approx(best["lr"])
+
+
+def memorisation_runs(root, train_and_val: dict):
+    """synthetic_regression runs, one per lr: train_and_val[lr] = (train loss, val loss) per seed."""
+    for job, (lr, seeds) in enumerate(train_and_val.items()):
+        config = fake_config(lr=lr, seeds=len(seeds))
+        config["dataset"]["name"] = "synthetic_regression"
+        summaries = []
+        for seed, (train_loss, val_loss) in enumerate(seeds):
+            summary = fake_summary(config, seed, train_loss, 1.0, None)
+            summary.update(dataset="synthetic_regression", lr=lr, val_loss=val_loss, val_acc=None, test_acc=None)
+            summaries.append(summary)
+        make_run(root, f"{job}_lr{lr}", config, summaries)
+
+
+def test_a_memorisation_task_is_tuned_on_the_training_loss_and_says_so(tmp_path):
+    """Pure-noise targets: the validation loss rewards not fitting (it chose lr 0.01, train loss
+    0.83, over lr 0.1, 0.22). The dataset declares that its selection uses the training loss."""
+    from stabbench import datasets
+
+    assert datasets.selected_on("synthetic_regression") == "train_loss"
+    assert datasets.selected_on("fashion_mnist") == "validation"
+    memorisation_runs(tmp_path / "runs", {0.01: [(0.83, 1.01), (0.85, 1.02)], 0.1: [(0.22, 1.30), (0.24, 1.31)]})
+    selection = tuning.select(report.load_runs([tmp_path / "runs"]).runs)
+    assert list(selection.cells["lr"]) == [0.1]
+    assert selection.cells["metric"].iloc[0].startswith("training loss")
+    assert selection.cells["val_score"].iloc[0] == pytest.approx(0.23)
+    out = report.write_report([tmp_path / "runs"], tmp_path / "report", quiet=True)
+    assert "training loss (a memorisation task" in (out / "index.html").read_text()
+    assert pd.read_csv(out / "table.csv")["train_loss_mean"].iloc[0] == pytest.approx(0.23)
+    summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("*/summary.json"))]
+    assert tuning.run_score([s for d in summaries for s in d["seeds"]]) == pytest.approx(0.23)
+
+
+def test_tiny_learning_rates_are_told_apart(tmp_path):
+    """np.isclose's absolute tolerance (1e-8) marked both 1e-8 and 2e-8 as chosen."""
+    run_set = grid_runs(tmp_path, {("baseline", 4): {1e-8: [(0.5, 0.5)], 2e-8: [(0.7, 0.7)], 4e-8: [(0.6, 0.6)]}})
+    selection = tuning.select(run_set.runs)
+    assert list(selection.cells["lr"]) == [2e-8]
+    assert selection.chosen.sum() == 1 and list(run_set.runs.loc[selection.chosen, "lr"]) == [2e-8]

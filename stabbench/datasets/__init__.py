@@ -4,7 +4,7 @@ A dataset module defines `Config` (its options under `dataset.*`),
 `load(cfg) -> Data` returning raw float32 CPU tensors, and `dimensions(cfg) -> Dimensions`
 (the sizes `load` will return, known without loading: the memory estimate's input); `prepare`
 below does what every dataset shares: the validation split held out of the training split
-(`dataset.validation`), the stratified `dataset.fraction` of what remains, per-feature standardisation with
+(`dataset.validation`), the stratified `dataset.fraction` of each of the two, per-feature standardisation with
 training-split statistics, and the move to the device.
 """
 from __future__ import annotations
@@ -25,12 +25,12 @@ class DatasetConfig:
     name: str = "synthetic"
     root: Optional[str] = None  # folder holding the files; None = the dataset's default place
     download: bool = False
-    # Held out of the training split (stratified for classification) before `fraction` applies;
-    # evaluated every epoch. The tuning protocol (docs/tuning.md) selects on it, never on the test
+    # Held out of the training split (stratified for classification); `fraction` then keeps the
+    # same share of both, so selection never sees more examples than training. Evaluated every epoch. The tuning protocol (docs/tuning.md) selects on it, never on the test
     # split. 0.1: Fashion-MNIST's 6,000 examples measure accuracy to about +-0.5%, finer than the
     # gaps between learning rates of a grid, at 10% of the training data.
     validation: float = 0.1
-    fraction: float = 1.0  # stratified fraction of the training split kept (data-scarce runs)
+    fraction: float = 1.0  # stratified fraction of the training and validation splits kept (data-scarce runs)
     standardize: bool = True  # zero mean, unit variance per feature, training-split statistics
     seed: int = 0  # data generation and the fraction's subset; fixed so model seeds share one task
 
@@ -71,6 +71,13 @@ def load(cfg, device: torch.device) -> Data:
     return prepare(REGISTRY[cfg.name].load(cfg), cfg, device)
 
 
+def selected_on(name: str) -> str:
+    """The score the tuning protocol chooses a learning rate by for this dataset: its module's
+    `SELECTED_ON`, "validation" (the default: validation accuracy, or loss for regression) or
+    "train_loss" (a memorisation task, where fitting the training set is the point)."""
+    return getattr(REGISTRY.get(name), "SELECTED_ON", "validation")
+
+
 def validate(cfg) -> None:
     """The dataset's own options, checked by its module's `validate(cfg)` if it has one
     (raises UserError); before any directory is made."""
@@ -95,10 +102,13 @@ def prepare(data: Data, cfg, device: torch.device) -> Data:
                                 f"(the training split has {len(data.x_train)}); use a smaller fraction or 0")
             data = replace(data, x_val=data.x_train[held_out], y_val=data.y_train[held_out],
                            x_train=data.x_train[rest], y_train=data.y_train[rest])
-    if cfg.fraction < 1.0:
-        keep = stratified_subset(data.y_train if data.task == "classification" else None,
-                                 len(data.x_train), cfg.fraction, cfg.seed)
+    if cfg.fraction < 1.0:  # of both splits: selection never sees more examples than training does
+        labels = lambda y: y if data.task == "classification" else None
+        keep = stratified_subset(labels(data.y_train), len(data.x_train), cfg.fraction, cfg.seed)
         data = replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
+        if data.x_val is not None:
+            keep = stratified_subset(labels(data.y_val), len(data.x_val), cfg.fraction, cfg.seed)
+            data = replace(data, x_val=data.x_val[keep], y_val=data.y_val[keep])
     if cfg.standardize:
         mean = data.x_train.mean(0)
         # Constant features (MNIST's border pixels) have std 0: leave them centred, unscaled.
