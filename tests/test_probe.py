@@ -305,3 +305,24 @@ def test_a_probe_sweep_draws_its_probes_together(tmp_path):
     with Image.open(sweep / "probe_sweep.png") as image:
         image.verify()
     assert not (sweep / "report").exists()  # no training runs: no report
+
+
+@pytest.mark.parametrize("overrides, c_star", [
+    (("method.activation=tanh", "method.weight_var=3.0"), 0.0),  # the stable fixed point, not -1
+    (("method.activation=relu", "method.weight_var=1.0"), None),  # q* = 0: no depth scale
+])
+def test_the_probe_prints_c_star_and_xi_c_or_says_why_there_is_none(tmp_path, overrides, c_star):
+    args = ["probe", "method=baseline", *overrides, "depth=30", "width=64", "probe.networks=2",
+            "probe.jacobian_examples=0", "device=cpu", "hydra.run.dir=p"]
+    done = subprocess.run([sys.executable, "-m", "stabbench.cli", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    block = json.loads((tmp_path / "p" / "probe.json").read_text())["mean_field"]
+    row = next(line for line in done.stdout.splitlines() if "xi_q, xi_c" in line)
+    if c_star is None:
+        assert block["xi_c"] is None and "q* = 0" in block["undefined"]["xi_c"]
+        assert "n/a, n/a" in row and "n/a because" in done.stdout
+    else:
+        assert block["c_star"] == c_star and block["undefined"] == {}
+        assert math.isfinite(block["xi_c"]) and f"{block['xi_c']:.4g}" in row
+        assert "-0" not in next(line for line in done.stdout.splitlines() if "q*, c*" in line)
