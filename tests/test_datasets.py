@@ -86,17 +86,18 @@ def test_missing_files_offline_name_the_path_and_the_remedy(tmp_path):
     assert str(tmp_path / "none") in text and "dataset.download=true" in text and "\n" not in text
 
 
-def write_cifar(folder: Path, n=30) -> None:
+def write_cifar(folder: Path, n=30, protocol=None) -> None:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(1)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(np.arange(n) % 10)}
         with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
+            pickle.dump(batch, f, protocol=protocol)
 
 
-def test_cifar10_python_batches_load(tmp_path):
-    write_cifar(tmp_path / "cifar-10-batches-py")
+@pytest.mark.parametrize("protocol", [2, 4, 5])  # 2: how the real batches were written; 5: Python 3.14's default
+def test_cifar10_python_batches_load(tmp_path, protocol):
+    write_cifar(tmp_path / "cifar-10-batches-py", protocol=protocol)
     data = datasets.load(compose("dataset=cifar10", f"dataset.root={tmp_path}", "dataset.validation=0").dataset, CPU)
     assert data.x_train.shape == (150, 3072) and data.x_test.shape == (30, 3072) and data.n_outputs == 10
 
@@ -176,4 +177,20 @@ def test_a_gzip_that_inflates_past_its_header_is_refused_without_reading_it_all(
     from stabbench.datasets.idx import read_idx
 
     with pytest.raises(UserError, match="wrong length more than 18 bytes"):
+        read_idx(bomb)
+
+
+@pytest.mark.parametrize("dims", [(7154, 42799, 92737, 649657), (2 ** 31, 2 ** 31, 2)])
+def test_an_idx_header_whose_size_overflows_int64_is_refused_before_reading(tmp_path, dims):
+    """The product of these dims wraps around int64 (to -2, or below -1): the bound passed and
+    the whole stream was inflated, or f.read(<-1) was a ValueError traceback."""
+    import gzip
+
+    from stabbench.datasets.idx import read_idx
+
+    bomb = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(bomb, "wb") as f:
+        f.write(bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims))
+        f.write(bytes(2 ** 20))
+    with pytest.raises(UserError, match="more than the .* allowed"):
         read_idx(bomb)

@@ -7,6 +7,7 @@ Downloading stays torchvision's (`torchvision.datasets.MNIST(download=True)`).
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ def read_idx(path: Path) -> np.ndarray:
             shape = tuple(int.from_bytes(dims[4 * i: 4 * i + 4], "big") for i in range(ndim))
             dtype = np.dtype(DTYPES[magic[2]])
             header = 4 + 4 * ndim
-            expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            expected = header + math.prod(shape) * dtype.itemsize  # Python ints: no wrap-around to a small number
             if expected - header > MAX_IDX_BYTES:
                 raise UserError(f"{path}: header declares {expected - header} bytes of data, "
                                 f"more than the {MAX_IDX_BYTES} allowed for one IDX file")
