@@ -26,6 +26,10 @@ USAGE = "usage: stabbench <subcommand> [args...]   (stabbench <subcommand> --hel
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    for stream in (sys.stdout, sys.stderr):  # an ascii or latin-1 output: `?` for what it cannot show, never a traceback
+        encoding = (getattr(stream, "encoding", None) or "utf-8").lower().replace("-", "")
+        if not encoding.startswith("utf") and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE + "\n\nsubcommands:")
         for name, (_, _, text) in SUBCOMMANDS.items():

@@ -293,7 +293,7 @@ def lr_sensitivity(per_lr: pd.DataFrame, chosen: pd.DataFrame, colors: dict, pat
             pick = chosen[(chosen["method"] == method) & (chosen["dataset"] == dataset) & (chosen["depth"] == depth)
                           & (chosen["width"] == width)]
             for lr in pick["lr"]:
-                score = line.loc[np.isclose(line["lr"], lr), "val_score"]
+                score = line.loc[line["lr"] == lr, "val_score"]  # exact: isclose's 1e-8 joins tiny lrs
                 if len(score) and np.isfinite(score.iloc[0]):
                     ax.scatter([lr], [score.iloc[0]], s=130, facecolors="none", edgecolors=colors[method], lw=1.5,
                                zorder=6)

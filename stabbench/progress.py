@@ -16,17 +16,11 @@ def print_rich_table(table) -> None:
     """A rich table printed whole on any output. A cell wider than its column folds onto the
     next line instead of being cut with an ellipsis (a loss of 5952811 is never `5.953…`); on
     a pipe or a log it is PIPE_WIDTH columns wide; an output that cannot encode a character
-    (PYTHONIOENCODING=ascii, a C locale) gets rich's ascii borders and `?` for the rest."""
+    (PYTHONIOENCODING=ascii, a C locale) gets rich's ascii borders, and `?` for the rest
+    (cli.main sets such an output to replace what it cannot encode)."""
     for column in table.columns:
         column.overflow = "fold"
-    out = console if console.is_terminal else Console(width=PIPE_WIDTH, file=sys.stdout)
-    if not out.encoding.startswith("utf"):
-        with out.capture() as captured:
-            out.print(table)
-        sys.stdout.write(captured.get().encode(out.encoding, "replace").decode(out.encoding))
-        sys.stdout.flush()
-    else:
-        out.print(table)
+    (console if console.is_terminal else Console(width=PIPE_WIDTH, file=sys.stdout)).print(table)
 
 
 def plus_minus() -> str:

@@ -20,6 +20,7 @@ for the cells they draw, so a sweep of a thousand runs reports in seconds.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -35,7 +36,8 @@ import pandas as pd
 
 from stabbench import phase_diagram, progress
 from stabbench.errors import UNWRITABLE, UserError
-from stabbench.outputs import FINISHED, LAYER_COLUMNS, METRICS_COLUMNS, atomic_write_text, write_csv
+from stabbench.outputs import (FINISHED, LAYER_COLUMNS, METRICS_COLUMNS, atomic_write_bytes, atomic_write_text,
+                               write_csv)
 
 SUMMARY_FIELDS = ["schema_version", "method", "dataset", "depth", "width", "seed", "lr", "steps", "epochs",
                   "train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "diverged", "diverged_step", "exploded",
@@ -111,8 +113,14 @@ def _read_summary(run_dir: Path) -> tuple[list[dict] | None, str | None]:
     return entries, None
 
 
+INT_LIMIT = 2 ** 63  # what a column of int64 holds; a summary's integer beyond it is damage
+
+
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A JSON number the tables can hold: a float, or an int within int64 (json reads 10**400 as an int)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, float) or -INT_LIMIT < value < INT_LIMIT
 
 
 def _kind(key: str) -> str:
@@ -267,7 +275,7 @@ def load_runs(paths: list[Path | str]) -> RunSet:
 def _member_lr(entry: dict, config: dict):
     """A seed's learning rate: its summary's `lr`, else (older runs) its config's."""
     lr = entry.get("lr", config.get("lr"))
-    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+    return float(lr) if _is_number(lr) else None
 
 
 def read_runs(dirs: list[Path], root: Path) -> RunSet:
@@ -633,6 +641,28 @@ def write_figures(run_set: RunSet, out_dir: Path, runs: pd.DataFrame | None = No
     return written
 
 
+RUN_FIGURES = ("grad_norm_per_layer.png", "loss_curve.png")
+
+
+def draw_run_figures(out_dir: Path | str) -> None:
+    """After `stabbench run`: the run's own figures, unless each is there and no older than
+    its summary. So a kill between the summary and the figures, or a retrain, is made good by
+    the same command; a partial run (no summary) gets none. A failure is one warning line:
+    the run's data is saved, and a figure must not turn it into a failed run."""
+    out_dir = Path(out_dir)
+    summary = out_dir / "summary.json"
+    if not summary.is_file():
+        return
+    made = summary.stat().st_mtime
+    if all((out_dir / name).is_file() and (out_dir / name).stat().st_mtime >= made for name in RUN_FIGURES):
+        return
+    try:
+        write_run_figures(out_dir)
+    except Exception as error:  # noqa: BLE001 - see above
+        reason = (str(error).splitlines() or [""])[0]
+        print(f"stabbench: warning: no figures for {out_dir} ({type(error).__name__}: {reason})", flush=True)
+
+
 def write_run_figures(out_dir: Path | str) -> list[Path]:
     """A single run's own figures, into its directory: gradient norm per layer (at init and
     at the end) and the loss curve. Returns the files written; a run without the data gets none.
@@ -712,8 +742,8 @@ def write_report(paths: list[Path | str], out_dir: Path | str | None = None, tar
         top = paths[0].parent if paths[0].is_file() else paths[0]
         own = (top / "summary.json").exists() or (top / ".hydra" / "config.yaml").exists()
         out_dir = top.parent / f"{top.name}_report" if own else top / "report"  # never inside a run's own directory
-    out_dir = Path(out_dir)
-    for folder in (out_dir.absolute(), *out_dir.absolute().parents):
+    out_dir = Path(out_dir).absolute()  # `--out .` has a name and a parent to stage beside
+    for folder in (out_dir, *out_dir.parents):
         if (folder / "summary.json").exists() or (folder / ".hydra" / "config.yaml").exists():
             raise UserError(f"{out_dir} is inside the run directory {folder}; a report never writes into a run's "
                             f"own directory: give --out DIR elsewhere")
@@ -753,9 +783,57 @@ def write_report(paths: list[Path | str], out_dir: Path | str | None = None, tar
     if not quiet:
         print_table(table, f"{len(runs)} seeds in {len(set(run_set.dirs))} runs (mean, "
                     f"{progress.plus_minus()} std over seeds)"
-                    + ("; tuned: each cell at its lr chosen on the validation split" if selection is not None else ""))
+                    + ("; tuned: each cell at its lr chosen on the validation split (a memorisation task: on the "
+                       "training loss)" if selection is not None else ""))
         print(f"wrote {out_dir}", flush=True)
     return out_dir
+
+
+def write_probe_sweep_figure(sweep_dir: Path | str) -> Path | None:
+    """After `stabbench probe -m ...`: every probe of the sweep in one figure, <sweep dir>/probe_sweep.png.
+    One line per probe (the median over its draws), labelled by the config keys that differ
+    between the probes: forward log-norms on the left, weight-gradient norms on the right."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stabbench.plots import palette
+
+    sweep_dir = Path(sweep_dir)
+    found = sorted(p.parent for p in sweep_dir.glob("*/probe.json"))
+    if not found:
+        return None
+    summaries = [json.loads((d / "probe.json").read_text()) for d in found]
+    config = _flatten_config([s["config"] for s in summaries])
+    varying = [c for c in config.columns if config[c].nunique(dropna=True) > 1 and not c.startswith("hydra.")]
+    labels = [", ".join(f"{c.removeprefix('method.')}={config[c].iloc[i]}" for c in varying) or s["method"]
+              for i, s in enumerate(summaries)]
+    colors = palette(labels)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for directory, label in zip(found, labels):
+        layers = pd.read_csv(directory / "probe_layers.csv")
+        for ax, key in zip(axes, ("act_log_norm", "log_grad_norm")):
+            per_layer = (layers[key] / math.log(10)).groupby(layers["layer"])
+            ax.plot(per_layer.median().index, per_layer.median(), color=colors[label], linewidth=1.5, label=label)
+            ax.fill_between(per_layer.min().index, per_layer.min(), per_layer.max(), color=colors[label], alpha=0.15)
+    axes[0].set_ylabel("log10 ||x_l||, mean over examples")
+    axes[1].set_ylabel("log10 ||dE/dW_l||_F")
+    for ax in axes:
+        ax.set_xlabel("layer")
+        ax.grid(True, alpha=0.3)
+    axes[1].legend(loc="best", fontsize=8)
+    first = summaries[0]
+    fig.suptitle(f"probe sweep: depth {first['depth']}, width {first['width']}, {first['networks']} draws each "
+                 f"(line: median, band: min to max), error: {first.get('error', 'loss')}", fontsize=11)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    path = sweep_dir / "probe_sweep.png"
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def _umask() -> int:
@@ -781,21 +859,31 @@ def check_replaceable(out_dir: Path) -> None:
 
 
 def swap_in(staging: Path, out_dir: Path) -> None:
-    """Puts the finished report at out_dir: two renames, the old report removed after."""
+    """Puts the finished report at out_dir: two renames, the old report removed only once the
+    new one is in place. On a failure the old one is put back; if even that fails it is left
+    whole where it was moved, and the error names that place."""
     check_replaceable(out_dir)  # again: someone may have written there while this report was made
     retired = None
-    if out_dir.exists():
-        retired = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
-        os.replace(out_dir, retired / "report")
     try:
+        if out_dir.exists():
+            retired = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+            os.replace(out_dir, retired / "report")
         os.rename(staging, out_dir)
-    except OSError:
-        if retired is not None and not out_dir.exists():
-            os.rename(retired / "report", out_dir)  # put the old one back: never no report at all
-        raise UserError(f"{out_dir} was written by another report at the same time; run this one again") from None
-    finally:
-        if retired is not None:
+    except OSError as error:
+        kept = None if retired is None else retired / "report"
+        if kept is not None and kept.exists() and not out_dir.exists():
+            try:
+                os.rename(kept, out_dir)  # never no report at all
+            except OSError:
+                raise UserError(f"could not write {out_dir} ({error.strerror}), nor put the earlier report back: "
+                                f"it is whole at {kept}") from None
+        if retired is not None and not (kept and kept.exists()):
             shutil.rmtree(retired, ignore_errors=True)
+        if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise UserError(f"{out_dir} was written by another report at the same time; run this one again") from None
+        raise
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 def _finite_float(text: str) -> float:

@@ -59,7 +59,9 @@ def test_an_env_interpolation_in_a_runs_config_never_reaches_the_report(cli, tmp
 
 @pytest.mark.parametrize("content", [b"\x00\xff\xfe garbage", b"{not json", b'{"seeds": 5}', b"null",
                                      b'{"train_loss": "low", "seed": 1}', {"train_loss": "low"},
-                                     {"diverged": "no"}, {"method": 7}])
+                                     {"diverged": "no"}, {"method": 7},
+                                     # json reads these as ints no table holds (OverflowError, int64 casts)
+                                     {"lr": 10 ** 400}, {"depth": 10 ** 28}, {"train_loss": 10 ** 400}])
 def test_an_unreadable_summary_is_shown_as_unreadable_with_a_warning(cli, tmp_path, content):
     """Before: wrong types aborted the report after some tables were rewritten, and an
     unreadable summary was shown as partial without a word. A dict is an edit of the real
@@ -130,6 +132,31 @@ def test_a_report_refuses_a_directory_holding_other_files(cli, tmp_path):
     assert report_files(tmp_path / "rep") == before
 
 
+def test_a_report_into_the_current_directory(cli, tmp_path, monkeypatch):
+    """`--out .`: the staging folder goes beside the directory, not inside it."""
+    two_runs(cli, tmp_path)
+    (tmp_path / "rep").mkdir()
+    monkeypatch.chdir(tmp_path / "rep")
+    code, out, err = cli("report", str(tmp_path / "sweep"), "--out", ".")
+    assert code == 0, err
+    assert (tmp_path / "rep" / "index.html").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_report_that_cannot_be_swapped_in_keeps_the_earlier_one_and_says_where(cli, tmp_path, monkeypatch):
+    two_runs(cli, tmp_path)
+    assert cli("report", "sweep")[0] == 0
+    before = report_files(tmp_path / "sweep" / "report")
+
+    def refused(src, dst):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "rename", refused)  # the new report cannot go in, nor the old one back
+    line = one_line_error(*cli("report", "sweep"), "earlier report")
+    kept = Path(line.rsplit("it is whole at ", 1)[1])
+    assert report_files(kept) == before
+
+
 def test_a_full_disk_during_a_report_is_one_line_and_keeps_the_earlier_report(cli, tmp_path, monkeypatch):
     from stabbench import report
 
@@ -182,9 +209,11 @@ def test_a_pipe_in_any_encoding_gets_whole_numbers(tmp_path, encoding):
     assert summary["exploded"] and summary["train_loss"] > 1e4
     assert f"{summary['train_loss']:.4g}" in out and f"{summary['test_loss']:.4g}" in out, out
     assert "…" not in out and f"step {summary['exploded_step']}" in out
-    done = subprocess.run([sys.executable, "-m", "stabbench.cli", "report", "r"], cwd=tmp_path, env=env,
-                          capture_output=True, timeout=300)
+    # a folder name the output cannot encode: `?` in the "wrote" line, not a UnicodeEncodeError
+    done = subprocess.run([sys.executable, "-m", "stabbench.cli", "report", "r", "--out", "r\u00e9sum\u00e9"],
+                          cwd=tmp_path, env=env, capture_output=True, timeout=300)
     assert done.returncode == 0 and b"Traceback" not in done.stdout + done.stderr, done.stderr[-2000:]
+    assert (tmp_path / "r\u00e9sum\u00e9" / "index.html").is_file()
 
 
 # -- fuzz: every file a run leaves, damaged every way --------------------------------------------
@@ -215,18 +244,45 @@ def damage(path: Path, how: str) -> None:
         torch.save({"step": "x", "ensemble": [1, 2]} if how == "wrong_types" else [1, 2, 3], path)
 
 
+FUZZ_ARGS = [*SMALL, "checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """Trained once for the whole fuzz: `complete` (a finished run) and `partial` (stopped at
+    its first checkpoint, which it keeps); each case damages its own copy."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from stabbench.cli import main
+
+    def call(*args):
+        GlobalHydra.instance().clear()
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            try:
+                code = main(list(args))
+            except SystemExit as stop:
+                code = stop.code
+        GlobalHydra.instance().clear()
+        return code, "", ""
+
+    root = tmp_path_factory.mktemp("pristine")
+    assert call("run", *FUZZ_ARGS, f"hydra.run.dir={root / 'complete'}")[0] == 0
+    preempt_at_start(call, *FUZZ_ARGS, f"hydra.run.dir={root / 'partial'}")
+    return root
+
+
 @pytest.mark.parametrize("how", DAMAGES)
 @pytest.mark.parametrize("name", ["summary.json", "metrics.csv", "layers.csv", "checkpoint.pt"])
-def test_damaged_run_directories_give_no_traceback_and_good_runs_are_still_reported(cli, tmp_path, name, how):
-    args = [*SMALL, "checkpoint_every=2"]
-    assert cli("run", *args, "hydra.run.dir=sweep/good")[0] == 0
-    if name == "checkpoint.pt":
-        preempt_at_start(cli, *args, "hydra.run.dir=sweep/bad")  # a partial run: its checkpoint is kept
-    else:
-        assert cli("run", *args, "hydra.run.dir=sweep/bad")[0] == 0
+def test_damaged_run_directories_give_no_traceback_and_good_runs_are_still_reported(cli, tmp_path, pristine, name,
+                                                                                    how):
+    shutil.copytree(pristine / "complete", tmp_path / "sweep" / "good")
+    shutil.copytree(pristine / ("partial" if name == "checkpoint.pt" else "complete"), tmp_path / "sweep" / "bad")
     damage(tmp_path / "sweep" / "bad" / name, how)
 
-    code, out, err = cli("run", *args, "hydra.run.dir=sweep/bad")
+    code, out, err = cli("run", *FUZZ_ARGS, "hydra.run.dir=sweep/bad")
     no_traceback(out, err)
     assert code in (0, 1, 2), (code, err[-2000:])
     if code:
