@@ -35,10 +35,10 @@ class WriteReport(Callback):
 
 
 def write_probe_figure(sweep_dir: Path) -> None:
-    from stabbench import probe
+    from stabbench import report
 
     try:
-        path = probe.write_sweep_figure(sweep_dir)
+        path = report.write_probe_sweep_figure(sweep_dir)
     except Exception as error:  # noqa: BLE001 - the probes are saved; a failed figure must not hide that
         print(f"stabbench: warning: no probe_sweep.png ({type(error).__name__}: {error})", file=sys.stderr)
         return

@@ -18,12 +18,16 @@ def validator(need, what: str):
 
 
 def run(argv: list[str]) -> int:
-    from stabbench import memory, train, tuning
+    from stabbench import memory, report, train, tuning
 
-    # A run returns its selection score (tuning.run_score) to Hydra, so a sweeper plugin such as
-    # Optuna's can tune any option on it (docs/tuning.md).
-    run_hydra(argv, lambda cfg, out_dir: tuning.run_score(train.run(cfg, out_dir)),
-              validate=validator(memory.training, "this run"))
+    def task(cfg, out_dir):
+        summaries = train.run(cfg, out_dir)
+        report.draw_run_figures(out_dir)  # training never draws: the report owns every figure
+        # The run's selection score goes back to Hydra, so a sweeper plugin such as Optuna's can
+        # tune any option on it (docs/tuning.md).
+        return tuning.run_score(summaries)
+
+    run_hydra(argv, task, validate=validator(memory.training, "this run"))
     return 0
 
 

@@ -97,7 +97,7 @@ def validate(cfg) -> None:
     """Range and choice checks Hydra's types cannot express; raises UserError naming the
     bad value and what is allowed. Runs before any run directory is made."""
     from stabbench import datasets, lr_grid, methods
-    from stabbench.methods.base import check_choice, check_range
+    from stabbench.errors import check_choice, check_range
 
     for key in ("depth", "width", "batch_size", "epochs", "seeds", "log_every"):
         check_range(key, cfg[key], low=1)
@@ -145,7 +145,7 @@ def check_optimizer(opt) -> None:
     """Every optimiser option, with the others, as torch.optim would check it once the run
     directory exists (SGD: momentum, nesterov; Adam: betas, eps), and the options that
     would silently do nothing under the chosen optimiser."""
-    from stabbench.methods.base import check_choice, check_range
+    from stabbench.errors import check_choice, check_range
 
     check_choice("optimizer", opt.name, ("sgd", "adam"))
     check_range("optimizer.momentum", opt.momentum, low=0, high=1, high_open=True)

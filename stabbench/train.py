@@ -443,7 +443,6 @@ def run(cfg, out_dir: Path) -> list[dict]:
     done = checkpoint.check_run_dir(out_dir, config)
     if done is not None and cfg.skip_done:
         print(f"already complete: {out_dir} (skip_done=true; skip_done=false retrains)", flush=True)
-        draw_run_figures(out_dir, missing_only=True)  # a kill after the summary, before the figures
         return done
     # A summary stands only beside the records it summarises: a retrain (skip_done=false)
     # removes it first, so a kill mid-retrain leaves a partial run, not a "complete" one.
@@ -490,24 +489,8 @@ def train_run(run: "Run", cfg, out_dir: Path, resume: dict | None) -> list[dict]
     write_json(out_dir / "summary.json", summaries[0] if len(summaries) == 1 else
                {"schema_version": stabbench.SCHEMA_VERSION, "seeds": summaries})
     run.checkpoint_path.unlink(missing_ok=True)  # the run is complete: the summary is what counts now
-    draw_run_figures(out_dir)
     print_summary(summaries, out_dir)
     return summaries
-
-
-RUN_FIGURES = ("grad_norm_per_layer.png", "loss_curve.png")
-
-
-def draw_run_figures(out_dir: Path, missing_only: bool = False) -> None:
-    """The run's own figures; `missing_only`: only if one of them is missing."""
-    if missing_only and all((out_dir / name).is_file() for name in RUN_FIGURES):
-        return
-    try:
-        from stabbench.report import write_run_figures
-
-        write_run_figures(out_dir)
-    except Exception as error:  # noqa: BLE001 - the run's data is saved; a figure must not turn it into a failure
-        print(f"stabbench: warning: no figures for {out_dir} ({type(error).__name__}: {error})", flush=True)
 
 
 def member_extent(result: StageResult, k: int) -> tuple[int, int, int]:

@@ -20,7 +20,7 @@ class Config(DatasetConfig):
 
 
 def validate(cfg) -> None:
-    from stabbench.methods.base import check_range
+    from stabbench.errors import check_range
 
     for key in ("features", "n_train", "n_test", "teacher_width"):
         check_range(f"dataset.{key}", cfg[key], low=1)

@@ -23,7 +23,7 @@ class Config(DatasetConfig):
 
 
 def validate(cfg) -> None:
-    from stabbench.methods.base import check_range
+    from stabbench.errors import check_range
 
     for key in ("features", "outputs", "n_train", "n_test"):
         check_range(f"dataset.{key}", cfg[key], low=1)

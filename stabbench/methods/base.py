@@ -4,13 +4,12 @@ tests a method's name. A method module defines a `Config` dataclass (its options
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from stabbench.errors import UserError
+from stabbench.errors import UserError, check_choice, check_range
 from stabbench.model import ACTIVATIONS, MLP, Linear
 
 
@@ -116,25 +115,6 @@ class Method:
         network of `shape` (probe.json's `mean_field` block, the report's phase diagram)."""
         return MeanFieldSpec(note=f"method={self.cfg.name} does not declare its weight and bias variances "
                                   "to the mean-field theory")
-
-
-def check_choice(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise UserError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
-
-
-def check_range(key: str, value, low=None, high=None, low_open=False, high_open=False) -> None:
-    """Raise UserError unless low <= value <= high (or < for an open end); NaN and inf never pass."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{key}={value} is not a finite number")
-    bad = (
-        (low is not None and (value <= low if low_open else value < low))
-        or (high is not None and (value >= high if high_open else value > high))
-    )
-    if bad:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-        raise UserError(f"{key}={value} is out of range; allowed: {' and '.join(x for x in (lo, hi) if x)}")
 
 
 def linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:

@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, check_choice, check_range, linear
+from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, linear
+from stabbench.errors import check_choice, check_range
 from stabbench.model import MLP, NORMS, Activation, init_gain, normalize_hidden
 
 INITS = ("torch", "xavier", "he", "lecun", "orthogonal")

@@ -26,7 +26,8 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from stabbench import fast
-from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, check_choice, linear
+from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, linear
+from stabbench.errors import check_choice
 from stabbench.model import MLP, Activation, activation_fn, normalize_hidden
 
 CONSTRAINTS = ("rownorm", "orthogonal", "none")

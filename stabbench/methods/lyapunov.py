@@ -29,8 +29,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from stabbench.errors import UserError
-from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, check_choice, linear
+from stabbench.errors import UserError, check_choice
+from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, linear
 from stabbench.model import MLP, Activation
 
 WEIGHTS = ("gaussian", "orthogonal")

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stabbench.errors import UserError
-from stabbench.methods.base import Method, MethodConfig, Shape, Stage, check_choice, check_range
+from stabbench.errors import UserError, check_choice, check_range
+from stabbench.methods.base import Method, MethodConfig, Shape, Stage
 from stabbench.model import MLP
 
 SCHEDULES = ("geometric", "linear")

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from stabbench import fast
 from typing import Optional
 
-from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, check_choice, check_range, linear
+from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, linear
+from stabbench.errors import check_choice, check_range
 from stabbench.methods.baseline import INITS, init_layer, init_name, mean_field_spec, validate_variances
 from stabbench.model import MLP, NORMS, Activation, NormalizedLayer, normalize_hidden
 

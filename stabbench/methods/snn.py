@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, check_choice, check_range, linear
+from stabbench.methods.base import MeanFieldSpec, Method, MethodConfig, Shape, linear
+from stabbench.errors import check_choice, check_range
 from stabbench.methods.baseline import init_weight
 from stabbench.model import MLP, Activation
 

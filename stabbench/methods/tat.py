@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stabbench.errors import UserError
-from stabbench.methods.base import Method, MethodConfig, Shape, check_choice, check_range, linear
+from stabbench.errors import UserError, check_choice, check_range
+from stabbench.methods.base import Method, MethodConfig, Shape, linear
 from stabbench.model import MLP, Activation, activation_fn
 
 TRANSFORMS = ("tat", "dks")
