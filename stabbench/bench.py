@@ -64,6 +64,7 @@ class Clock:
         self.device, self.log_every = device, log_every
         self.last: tuple[int, float] | None = None
         self.excluded = 0.0  # seconds of evaluation inside the current stretch
+        self.paused = 0.0  # when the current epoch's end began
         self.per_step: list[float] = []
 
     def mark(self, step: int) -> None:
@@ -76,9 +77,20 @@ class Clock:
             self.per_step.append((now - self.last[1] - self.excluded) / self.log_every)
         self.last, self.excluded = (step, now), 0.0
 
+    def pause(self) -> None:
+        """Before an epoch's end (the evaluation): its time is not counted in the stretch."""
+        sync(self.device)
+        self.paused = time.perf_counter()
+
+    def resume(self) -> None:
+        sync(self.device)
+        self.excluded += time.perf_counter() - self.paused
+
     def leave_out(self, function, *args) -> None:
-        """Run an epoch's end (the evaluation), its time not counted in the stretch."""
-        self.excluded += timed(lambda: function(*args), self.device)
+        """Run an epoch's end (the evaluation) between pause and resume (the reference loop's)."""
+        self.pause()
+        function(*args)
+        self.resume()
 
 
 def timed(function, device: torch.device) -> float:
@@ -182,14 +194,10 @@ class RunnerLoop:
         with open_dict(self.cfg):
             self.cfg.max_steps = steps
         run = train.Run(self.cfg, self.out_dir)
-        clock, log_step, end_epoch = Clock(run.device, self.cfg.log_every), run.log_step, run.end_epoch
-
-        def timed_log_step(stage, state, step, *args):  # the clock reads after the log step's read-back
-            log_step(stage, state, step, *args)
-            clock.mark(step)
-
-        run.log_step = timed_log_step
-        run.end_epoch = lambda *args: clock.leave_out(end_epoch, *args)
+        clock = Clock(run.device, self.cfg.log_every)
+        run.hooks.on_log.append(clock.mark)  # the clock reads after the log step's read-back
+        run.hooks.before_epoch_end.append(clock.pause)  # an epoch's end (the evaluation) is not counted
+        run.hooks.after_epoch_end.append(clock.resume)
         self.ensemble.load_state_dict(self.initial)
         settle(run.device)
         with Preemption() as preemption:

@@ -249,6 +249,18 @@ def make_train_step(method, stage: Stage, ensemble: Ensemble, guide: Ensemble | 
     return train_step
 
 
+@dataclass
+class LoopHooks:
+    """Named points of the training loop for code outside it (the bench's clock; later a
+    tracker), instead of patching the loop's methods. Each list's callables run in order:
+    `on_log(step)` right after a log step's rows are recorded (the host has read the device
+    back there); `before_epoch_end()` and `after_epoch_end()` around an epoch's end (the
+    evaluations, the files, a checkpoint)."""
+    on_log: list = field(default_factory=list)
+    before_epoch_end: list = field(default_factory=list)
+    after_epoch_end: list = field(default_factory=list)
+
+
 class Run:
     """What stays fixed across a run's stages: config, data, method, members, output files.
     Member k has seed seeds[k] and learning rate lrs[k] (lr_grid.members)."""
@@ -264,6 +276,7 @@ class Run:
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.recorder = RunRecorder(self.out_dir)
         self.checkpoint_path = self.out_dir / checkpoint.FILENAME
+        self.hooks = LoopHooks()
 
     def shape(self, stage: Stage) -> Shape:
         return Shape(self.data.in_features, self.data.n_outputs, stage.depth, self.cfg.width, self.data.task)
@@ -341,9 +354,15 @@ class Run:
                 state.step += 1
                 if record:
                     self.log_step(stage, state, step, out, kinds, progress)
+                    for hook in self.hooks.on_log:
+                        hook(step)
                     if not state.alive.any():
                         break
+            for hook in self.hooks.before_epoch_end:
+                hook()
             self.end_epoch(stage, ensemble, state)
+            for hook in self.hooks.after_epoch_end:
+                hook()
         progress.close()
 
         result = state.result
