@@ -35,7 +35,7 @@ from omegaconf import OmegaConf, open_dict
 from rich.table import Table
 from torch.utils.data import DataLoader, TensorDataset
 
-from stabbench import datasets, fast, lr_grid, methods, train
+from stabbench import datasets, devices, fast, lr_grid, methods, train
 from stabbench.checkpoint import Preemption
 from stabbench.errors import UserError
 from stabbench.methods.base import Shape, Stage
@@ -237,7 +237,7 @@ def run(cfg, out_dir: Path) -> dict:
     if steps < 2 * cfg.log_every + 1:
         raise UserError(f"bench.steps={steps} is too few: the bench times the stretches between log steps after "
                         f"the first, so with log_every={cfg.log_every} a turn needs at least {2 * cfg.log_every + 1} steps")
-    device = train.resolve_device(cfg.device)
+    device = devices.resolve(cfg.device)
     method = methods.create(cfg.method)
     data = datasets.load(cfg.dataset, device)
     shape = Shape(data.in_features, data.n_outputs, cfg.depth, cfg.width, data.task)

@@ -96,7 +96,7 @@ SEED_MAX = 2 ** 32 - 1
 def validate(cfg) -> None:
     """Range and choice checks Hydra's types cannot express; raises UserError naming the
     bad value and what is allowed. Runs before any run directory is made."""
-    from stabbench import datasets, lr_grid, methods
+    from stabbench import datasets, devices, lr_grid, methods
     from stabbench.errors import check_choice, check_range
 
     for key in ("depth", "width", "batch_size", "epochs", "seeds", "log_every"):
@@ -113,19 +113,11 @@ def validate(cfg) -> None:
     check_range("lr", cfg.lr, low=0, low_open=True)
     check_range("explode_factor", cfg.explode_factor, low=1, low_open=True)
     lr_grid.validate(cfg)
-    check_choice("device", cfg.device, ("auto", "cpu", "cuda"))
-    if cfg.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("device=cuda but no CUDA device is available here; use device=cpu or device=auto")
+    devices.resolve(cfg.device)  # a name not allowed, or cuda without CUDA
     check_optimizer(cfg.optimizer)
     check_choice("trainer.cuda_graph", cfg.trainer.cuda_graph, ("auto", "on", "off"))
-    if cfg.trainer.cuda_graph == "on" and cfg.device != "cuda":
-        import torch
-
-        if cfg.device == "cpu" or not torch.cuda.is_available():
-            raise UserError(f"trainer.cuda_graph=on needs CUDA (device={cfg.device}); use trainer.cuda_graph=auto or off")
+    if cfg.trainer.cuda_graph == "on" and devices.device_type(cfg.device) != "cuda":
+        raise UserError(f"trainer.cuda_graph=on needs CUDA (device={cfg.device}); use trainer.cuda_graph=auto or off")
     check_range("trainer.eval_batch_size", cfg.trainer.eval_batch_size, low=1)
     check_range("probe.networks", cfg.probe.networks, low=1)
     check_range("probe.batch_size", cfg.probe.batch_size, low=1)

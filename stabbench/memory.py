@@ -174,11 +174,9 @@ def _cgroup_room() -> int | None:
 
 
 def device_type(cfg) -> str:
-    import torch
+    from stabbench import devices
 
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
+    return devices.device_type(cfg.device)
 
 
 def check_fits(cfg, need, what: str) -> None:

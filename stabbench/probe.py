@@ -23,10 +23,10 @@ import torch
 from omegaconf import OmegaConf
 
 import stabbench
-from stabbench import datasets, memory, methods, probe_theory
+from stabbench import datasets, devices, memory, methods, probe_theory
 from stabbench.methods.base import Shape
 from stabbench.outputs import atomic_write_bytes, finite_or_none, write_csv, write_json
-from stabbench.train import build_ensemble, grad_norm_ratio, resolve_device, task_loss
+from stabbench.train import build_ensemble, grad_norm_ratio, task_loss
 
 LAYER_COLUMNS = ["network", "seed", "layer", "kind", "act_mean", "act_std", "act_log_norm", "grad_norm",
                  "log_grad_norm", "homogeneous"]
@@ -264,7 +264,7 @@ def layer_growth_rate(log_norms: np.ndarray) -> np.ndarray:
 
 def run(cfg, out_dir: Path) -> dict:
     started = time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = devices.resolve(cfg.device)
     method = methods.create(cfg.method)
     x, targets, task, n_outputs, source, error = probe_batch(cfg, device)
     depth = method.stages(cfg.depth, cfg.epochs)[-1].depth  # a staged method's final network

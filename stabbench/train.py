@@ -21,22 +21,12 @@ from omegaconf import OmegaConf
 from torch.func import vmap
 
 import stabbench
-from stabbench import checkpoint, datasets, fast, lr_grid, methods
+from stabbench import checkpoint, datasets, devices, fast, lr_grid, methods
 from stabbench.ensemble import Ensemble
 from stabbench.errors import UserError
 from stabbench.methods.base import Shape, Stage
 from stabbench.outputs import RunRecorder, finite_or_none, write_json
 from stabbench.progress import TrainingProgress, print_rich_table
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA device is available here; use device=cpu or device=auto")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"device={name!r} is not allowed; choose one of: auto, cpu, cuda")
-    return torch.device(name)
 
 
 def build_ensemble(method, shape: Shape, seeds: list[int], device: torch.device) -> Ensemble:
@@ -268,7 +258,7 @@ class Run:
     def __init__(self, cfg, out_dir: Path):
         self.cfg, self.out_dir = cfg, Path(out_dir)
         self.started = time.perf_counter()
-        self.device = resolve_device(cfg.device)
+        self.device = devices.resolve(cfg.device)
         fast.set_tf32(cfg.trainer.tf32)
         self.method = methods.create(cfg.method)
         self.data = datasets.load(cfg.dataset, self.device)

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stabbench"
 # Lowest first: a module may import from its own layer and those before it.
 LAYERS = [
     ("base", ["stabbench", "stabbench.errors"]),
-    ("core", ["stabbench.model", "stabbench.ensemble", "stabbench.fast", "stabbench.mean_field",
+    ("core", ["stabbench.devices", "stabbench.model", "stabbench.ensemble", "stabbench.fast", "stabbench.mean_field",
               "stabbench.progress", "stabbench.locks", "stabbench.outputs", "stabbench.lr_grid"]),
     ("plugins", ["stabbench.methods", "stabbench.methods.*", "stabbench.datasets", "stabbench.datasets.*"]),
     ("measures", ["stabbench.probe_theory"]),
