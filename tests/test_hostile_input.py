@@ -114,6 +114,7 @@ CASES = [
     (["method=snn", "method.alpha_dropout=-0.05"], ["method.alpha_dropout=-0.05", ">= 0 and < 1"]),
     (["method=lyapunov", "method.negative_slope=0"], ["method.negative_slope=0", "allowed: any finite nonzero"]),
     (["device=tpu"], ["device='tpu'", "auto, cpu, cuda"]),
+    (["device=cpu", "trainer.cuda_graph=on"], ["trainer.cuda_graph=on needs CUDA", "device=cpu"]),
     # optimiser options, each with the others, before torch.optim sees them
     (["optimizer=adam", "optimizer.betas=[2,0.5]"], ["optimizer.betas[0]=2.0", ">= 0 and < 1"]),
     (["optimizer=adam", "optimizer.betas=[0.9,1]"], ["optimizer.betas[1]=1.0", ">= 0 and < 1"]),
