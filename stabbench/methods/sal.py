@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from importlib.resources import files
 from typing import Any, Optional
 
 import torch
@@ -96,16 +95,12 @@ def layer_match(guide_depth: int, student_depth: int, match: str) -> list[int]:
 
 
 def base_config(cfg, name: str):
-    """The base method's config: its schema, then its conf/method/<name>.yaml, then SAL's
-    shared options that are set, then method.base_options."""
+    """The base method's config: its schema (the one home of its defaults; conf/method/*.yaml
+    holds none), then SAL's shared options that are set, then method.base_options."""
     from stabbench.methods import REGISTRY
 
     schema = OmegaConf.structured(REGISTRY[name].Config)
     layers = [schema]
-    yaml = files("stabbench.conf").joinpath("method", f"{name}.yaml")
-    if yaml.is_file():
-        preset = OmegaConf.create(yaml.read_text())
-        layers.append({k: v for k, v in preset.items() if k != "defaults"})
     shared = {k: cfg[k] for k in SHARED_OPTIONS if cfg.get(k) is not None}
     options = OmegaConf.to_container(cfg.base_options) if isinstance(cfg.base_options, DictConfig) else dict(cfg.base_options)
     allowed = [k for k in schema if k not in ("name", *SHARED_OPTIONS)]
