@@ -72,9 +72,10 @@ def theory_curve(activation, bias_var: float, weight_vars: np.ndarray) -> pd.Dat
     rows = []
     for weight_var in weight_vars:
         prediction = mean_field.predict(activation, float(weight_var), bias_var)
-        rows.append({**prediction.as_dict(), "undefined": None,  # 6 xi_c NaN there: the curve has a gap
-                     "xi_c_undefined": prediction.undefined.get("xi_c")})
-    return pd.DataFrame(rows).drop(columns="undefined")
+        row = prediction.as_dict()
+        row.pop("undefined")  # one column for its reason instead (6 xi_c is NaN there: the curve has a gap)
+        rows.append({**row, "xi_c_undefined": prediction.undefined.get("xi_c")})
+    return pd.DataFrame(rows)
 
 
 def trainable_edges(cells: pd.DataFrame) -> pd.DataFrame:

@@ -681,13 +681,14 @@ def write_run_figures(out_dir: Path | str) -> list[Path]:
     written = []
     layers = run_set.layers(ids, columns=("grad_norm",))
     layers = layers.assign(method=layers["run_id"].map(names), cell=title)
-    if not layers.empty and plots.grad_norm_per_layer(layer_snapshots(layers), colors, [title],
-                                                      out_dir / "grad_norm_per_layer.png", legend=grid):
-        written.append(out_dir / "grad_norm_per_layer.png")
+    grad_figure, loss_figure = (out_dir / name for name in RUN_FIGURES)
+    if not layers.empty and plots.grad_norm_per_layer(layer_snapshots(layers), colors, [title], grad_figure,
+                                                      legend=grid):
+        written.append(grad_figure)
     metrics = run_set.metrics(ids)
     metrics = metrics.assign(method=metrics["run_id"].map(names), cell=title)
-    if plots.loss_curves(metrics, colors, [title], out_dir / "loss_curve.png", legend=grid):
-        written.append(out_dir / "loss_curve.png")
+    if plots.loss_curves(metrics, colors, [title], loss_figure, legend=grid):
+        written.append(loss_figure)
     return written
 
 
